@@ -1,0 +1,48 @@
+"""The `dsv32` command line.
+
+Every subcommand lives in the module that owns its job; this file only wires them into argparse
+and turns expected failures (`CLIError`, bad files, bad configs) into one line on stderr and exit 1.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class CLIError(Exception):
+    """An error the user can fix; printed as one line, no traceback."""
+
+
+def _add_model_commands(sub) -> None:
+    from dsv32 import cli_model
+
+    cli_model.add_commands(sub)
+
+
+def _add_tokenizer_and_data_commands(sub) -> None:
+    # owned by the tokenizer/data work (issue 3); each module registers its own subcommands
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsv32", description="DeepSeek-V3.2 from scratch: model, training, inference, serving")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_model_commands(sub)
+    _add_tokenizer_and_data_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        print(f"dsv32 {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

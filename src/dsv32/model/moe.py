@@ -1,0 +1,175 @@
+"""DeepSeekMoE: fine-grained routed experts plus always-on shared experts.
+
+Routing as released (`noaux_tc`): sigmoid affinities; the balance bias `e_score_correction_bias` is
+added for *selection only*; experts are chosen inside the `topk_group` best groups (a group's score
+is the sum of its two best biased affinities; other groups are masked with -inf); the chosen
+experts' unbiased affinities are normalised and scaled by `routed_scaling_factor`.
+
+Routed experts are stacked weights [experts, ...] and computed grouped: token copies are sorted by
+expert and one grouped matmul per projection does all experts at once. `Experts.forward_loop` is
+the plain reference the grouped path is tested against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv32.config import ModelConfig
+from dsv32.model.layers import MLP
+
+
+@dataclass
+class Routing:
+    weights: torch.Tensor   # [tokens, top_k] combine weights (unbiased, normalised, scaled)
+    indices: torch.Tensor   # [tokens, top_k] chosen experts
+    scores: torch.Tensor    # [tokens, n_experts] affinities before the bias (for the balance loss)
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.scoring_func, self.topk_method = cfg.scoring_func, cfg.topk_method
+        self.norm_topk_prob, self.scale = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size))
+        # moved by the aux-loss-free balancing rule, never by gradients
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, forced_indices: torch.Tensor | None = None) -> Routing:
+        """x: [tokens, hidden]. `forced_indices` replays a recorded routing (RL "keep routing")."""
+        logits = F.linear(x.float(), self.weight.float())  # routing in fp32, as the release does
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        indices = forced_indices if forced_indices is not None else self._select(scores)
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob and self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return Routing(weights * self.scale, indices, scores)
+
+    @torch.no_grad()
+    def _select(self, scores: torch.Tensor) -> torch.Tensor:
+        choice = scores + self.e_score_correction_bias.float() if self.topk_method == "noaux_tc" else scores
+        if self.n_group > 1:
+            grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [tokens, n_group]
+            else:
+                group_scores = grouped.amax(dim=-1)  # V2's group-limited greedy
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).flatten(1)
+        return choice.topk(self.top_k, dim=-1).indices
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient (grouped_mm's backward needs one)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _grouped_matmul(x: torch.Tensor, weight_t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Row block g of x (rows offsets[g-1]:offsets[g]) times weight_t[g]; x [rows, in], weight_t [G, in, out]."""
+    if hasattr(torch, "_grouped_mm") and x.dtype == weight_t.dtype:
+        try:
+            return _ContiguousGrad.apply(torch._grouped_mm(x, weight_t, offs=offsets))
+        except (RuntimeError, NotImplementedError):
+            pass  # dtype/alignment this build's kernel does not take: fall through to per-group matmuls
+    sizes = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
+    pieces = [chunk @ weight_t[g] for g, chunk in enumerate(x.split(sizes)) if chunk.shape[0]]
+    return torch.cat(pieces) if pieces else x.new_zeros(0, weight_t.shape[-1])
+
+
+class Experts(nn.Module):
+    """`n_experts` SwiGLU experts held as stacked weights."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Grouped: sort token copies by expert, three grouped matmuls, weighted scatter-add back."""
+        tokens, top_k = routing.indices.shape
+        flat_expert = routing.indices.flatten()                        # [tokens * top_k]
+        order = torch.argsort(flat_expert, stable=True)
+        token_of = order // top_k                                      # source token of each sorted copy
+        counts = torch.bincount(flat_expert, minlength=self.n_experts)
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        xs = x[token_of]                                               # [tokens * top_k, hidden]
+        h = F.silu(_grouped_matmul(xs, self.gate_proj.transpose(1, 2), offsets))
+        h = h * _grouped_matmul(xs, self.up_proj.transpose(1, 2), offsets)
+        out = _grouped_matmul(h, self.down_proj.transpose(1, 2), offsets)
+        out = out * routing.weights.flatten()[order, None].to(out.dtype)
+        # accumulate the top-k contributions in fp32, as the official code does
+        y = torch.zeros(tokens, x.shape[-1], dtype=torch.float32, device=x.device)
+        return y.index_add_(0, token_of, out.float()).to(x.dtype)
+
+    def forward_loop(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Reference: a plain loop over experts (tests only; not for hot paths)."""
+        y = torch.zeros(x.shape[0], x.shape[-1], dtype=torch.float32, device=x.device)
+        for e in range(self.n_experts):
+            token_idx, slot = torch.where(routing.indices == e)
+            if token_idx.numel() == 0:
+                continue
+            xe = x[token_idx]
+            he = F.silu(xe @ self.gate_proj[e].T) * (xe @ self.up_proj[e].T)
+            ye = (he @ self.down_proj[e].T) * routing.weights[token_idx, slot, None].to(x.dtype)
+            y.index_add_(0, token_idx, ye.float())
+        return y.to(x.dtype)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.alpha = cfg.num_experts_per_tok, cfg.aux_loss_alpha
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        shared = cfg.n_shared_experts * cfg.moe_intermediate_size
+        self.shared_experts = MLP(cfg.hidden_size, shared) if cfg.n_shared_experts else None
+        self.use_loop_reference = False
+
+    def forward(self, x: torch.Tensor, forced_indices: torch.Tensor | None = None):
+        """x: [batch, seq, hidden] -> (output, MoEStats)."""
+        batch, seq, dim = x.shape
+        flat = x.reshape(-1, dim)
+        routing = self.gate(flat, forced_indices)
+        routed = (self.experts.forward_loop if self.use_loop_reference else self.experts)(flat, routing)
+        y = routed.view(batch, seq, dim)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        counts = torch.bincount(routing.indices.flatten(), minlength=self.experts.n_experts)
+        aux = sequence_balance_loss(routing, batch, seq, self.top_k, self.alpha) if self.alpha > 0 else None
+        return y, MoEStats(counts=counts, aux_loss=aux, indices=routing.indices.view(batch, seq, -1))
+
+
+@dataclass
+class MoEStats:
+    counts: torch.Tensor            # [n_experts] tokens routed to each expert in this forward
+    aux_loss: torch.Tensor | None   # the sequence-wise balance loss (alpha already applied)
+    indices: torch.Tensor           # [batch, seq, top_k] chosen experts (recorded for keep-routing)
+
+
+def sequence_balance_loss(routing: Routing, batch: int, seq: int, top_k: int, alpha: float) -> torch.Tensor:
+    """L = alpha * sum_i f_i P_i per sequence, averaged over the batch (DeepSeek-V3's complementary loss).
+
+    f_i = N_r / (K_r T) * (number of tokens that chose expert i); P_i = mean over tokens of the
+    affinities normalised to sum to 1 per token.
+    """
+    n_experts = routing.scores.shape[-1]
+    chosen = torch.zeros(batch * seq, n_experts, device=routing.scores.device)
+    chosen.scatter_(1, routing.indices, 1.0)
+    f = chosen.view(batch, seq, n_experts).sum(1) * (n_experts / (top_k * seq))    # [batch, n_experts]
+    normalised = routing.scores / routing.scores.sum(-1, keepdim=True)
+    p = normalised.view(batch, seq, n_experts).mean(1)                              # [batch, n_experts]
+    return alpha * (f * p).sum(-1).mean()
