@@ -19,7 +19,7 @@ import torch
 
 MODEL_TYPES = ("deepseek_v3", "deepseek_v32")
 # keys transformers derives from the others and writes out; re-deriving them keeps edits consistent
-DERIVED_KEYS = ("head_dim", "qk_head_dim", "mlp_layer_types", "layer_types", "num_local_experts")
+DERIVED_KEYS = ("architectures", "head_dim", "qk_head_dim", "mlp_layer_types", "layer_types", "num_local_experts")
 
 _YARN_671B = {
     "type": "yarn",

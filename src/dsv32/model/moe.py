@@ -45,7 +45,7 @@ class Router(nn.Module):
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         indices = forced_indices if forced_indices is not None else self._select(scores)
         weights = scores.gather(1, indices)
-        if self.norm_topk_prob and self.top_k > 1:
+        if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return Routing(weights * self.scale, indices, scores)
 
@@ -143,6 +143,8 @@ class MoE(nn.Module):
         """x: [batch, seq, hidden] -> (output, MoEStats)."""
         batch, seq, dim = x.shape
         flat = x.reshape(-1, dim)
+        if forced_indices is not None:
+            forced_indices = forced_indices.reshape(batch * seq, self.top_k)
         routing = self.gate(flat, forced_indices)
         routed = (self.experts.forward_loop if self.use_loop_reference else self.experts)(flat, routing)
         y = routed.view(batch, seq, dim)
