@@ -45,4 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run through the imported module, so that `python -m dsv32.cli` and the subcommand modules share
+    # one CLIError class (under -m this file is also `__main__`, a second copy of the module)
+    from dsv32.cli import main as _main
+
+    sys.exit(_main())
