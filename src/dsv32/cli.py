@@ -24,11 +24,18 @@ def _add_tokenizer_and_data_commands(sub) -> None:
     pass
 
 
+def _add_training_commands(sub) -> None:
+    from dsv32.train import cli as train_cli
+
+    train_cli.add_commands(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv32", description="DeepSeek-V3.2 from scratch: model, training, inference, serving")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_model_commands(sub)
     _add_tokenizer_and_data_commands(sub)
+    _add_training_commands(sub)
     return parser
 
 
