@@ -21,7 +21,9 @@ def _add_model_commands(sub) -> None:
 
 def _add_tokenizer_and_data_commands(sub) -> None:
     # owned by the tokenizer/data work (issue 3); each module registers its own subcommands
-    pass
+    from dsv32.data import cli as data_cli
+
+    data_cli.add_commands(sub)
 
 
 def _add_training_commands(sub) -> None:

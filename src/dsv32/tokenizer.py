@@ -174,7 +174,9 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str], allow_special: bool = False) -> list[list[int]]:
         """Like `encode` for many texts at once (runs in parallel inside `tokenizers`)."""
         backend = self.backend if allow_special else self._plain
-        encodings = backend.encode_batch([clean_text(t) for t in texts], add_special_tokens=False)
+        # encode_batch_fast skips character offsets, which we never use (about 1.5x faster)
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        encodings = encode([clean_text(t) for t in texts], add_special_tokens=False)
         return [e.ids for e in encodings]
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
