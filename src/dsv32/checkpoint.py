@@ -41,7 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dsv32.config import ModelConfig
-from dsv32.model.fp8 import FP8_DTYPE, WEIGHT_BLOCK, dequantize_weight, quantize_weight
+from dsv32.model.fp8 import WEIGHT_BLOCK, dequantize_weight, quantize_weight
 from dsv32.model.transformer import Transformer
 
 __all__ = [
@@ -59,7 +59,6 @@ FP8_MODULES = frozenset({
     "q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
     "gate_proj", "up_proj", "down_proj", "wq_b", "wk",
 })
-EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
 # MTP-layer duplicates of main-model tensors: HF sub-name -> our key
 MTP_COPIES = {"embed_tokens.weight": "embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
 
@@ -71,6 +70,7 @@ _TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 _ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 _NORM_RE = re.compile(r"(^|\.)\w*norm\.(weight|bias)$")  # RMSNorm gains, indexer k_norm (LayerNorm)
 _EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_STACKED_RE = re.compile(r"\.mlp\.experts\.(gate_proj|up_proj|down_proj)$")  # our stacked expert params
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.*)$")
 _MTP_RE = re.compile(r"^mtp\.(\d+)\.(.*)$")
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
@@ -123,7 +123,10 @@ def to_hf_key(key: str, cfg: ModelConfig, expert: int | None = None) -> str:
 
 
 def from_hf_key(name: str, cfg: ModelConfig) -> tuple[str, int | None, bool]:
-    """HF checkpoint key -> (our key, expert index or None, is an MTP copy). Inverse of `to_hf_key`."""
+    """HF checkpoint key -> (our key, expert index or None, is an MTP copy). Inverse of `to_hf_key`.
+
+    `*.weight_scale_inv` names are not handled here: a scale belongs to the weight named without `_scale_inv`.
+    """
     if name == "lm_head.weight":
         return name, None, False
     if not name.startswith("model."):
@@ -156,15 +159,14 @@ def hf_layout(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]] | None = None
     for key, shape in shapes.items():
         if cfg.tie_word_embeddings and key == "lm_head.weight":
             continue  # the same parameter as embed_tokens.weight; HF stores it once
-        if key.endswith(".mlp.experts." + key.rsplit(".", 1)[-1]) and key.rsplit(".", 1)[-1] in EXPERT_PROJS:
+        if _STACKED_RE.search(key):
             # stacked [E, out, in] -> E matrices [out, in]
             out.extend(HFTensor(to_hf_key(key, cfg, e), key, e, tuple(shape[1:])) for e in range(shape[0]))
         else:
             out.append(HFTensor(to_hf_key(key, cfg), key, None, tuple(shape)))
     for k in range(cfg.num_nextn_predict_layers):
-        layer = cfg.num_hidden_layers + k
         for sub, src in MTP_COPIES.items():
-            out.append(HFTensor(f"model.layers.{layer}.{sub}", src, None, tuple(shapes[src]), copy=True))
+            out.append(HFTensor(to_hf_key(f"mtp.{k}.{sub}", cfg), src, None, tuple(shapes[src]), copy=True))
     return out
 
 
@@ -194,13 +196,14 @@ def tensor_specs(config: ModelConfig, fp8: bool = False, dtype: torch.dtype | st
     return _specs(config, hf_layout(config), fp8, st_dtype(dtype))
 
 
-def _specs(cfg: ModelConfig, layout: list[HFTensor], fp8: bool, dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
+def _specs(cfg: ModelConfig, layout: list[HFTensor], fp8: bool, dtype: str, block: int = WEIGHT_BLOCK
+           ) -> dict[str, tuple[tuple[int, ...], str]]:
     specs = {}
     for t in layout:
         stored = _stored_dtype(t, cfg, fp8, dtype)
         specs[t.name] = (t.shape, stored)
         if stored == "F8_E4M3":
-            specs[t.name + SCALE_SUFFIX] = (_scale_shape(t.shape), "F32")
+            specs[t.name + SCALE_SUFFIX] = (_scale_shape(t.shape, block), "F32")
     return specs
 
 
@@ -315,11 +318,7 @@ def save_pretrained(model: Transformer, out_dir: str | os.PathLike, *, dtype: to
     block, pow2 = _weight_block(quant), (quant or {}).get("scale_fmt") == "ue8m0"
 
     layout = hf_layout(cfg, {k: tuple(v.shape) for k, v in state.items()})
-    specs = _specs(cfg, layout, fp8, dtype)
-    if fp8 and block != WEIGHT_BLOCK:  # scale shapes follow the configured block
-        for t in layout:
-            if t.name + SCALE_SUFFIX in specs:
-                specs[t.name + SCALE_SUFFIX] = (_scale_shape(t.shape, block), "F32")
+    specs = _specs(cfg, layout, fp8, dtype, block)
     shards = _plan_shards(layout, specs, max_shard_bytes)
     n = len(shards)
     names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
@@ -340,8 +339,7 @@ def save_pretrained(model: Transformer, out_dir: str | os.PathLike, *, dtype: to
         total = sum(_nbytes(*specs[name]) for name in weight_map)
         _write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
-    torch_dtype = "bfloat16" if fp8 and dtype == "BF16" else _torch_name(dtype)
-    cfg.replace(torch_dtype=torch_dtype, quantization_config=quant).save(out)
+    cfg.replace(torch_dtype=_torch_name(dtype), quantization_config=quant).save(out)
     _remove_stale(out, keep=set(names) | ({INDEX_FILE} if n > 1 else set()))
     if tokenizer_dir is not None:
         _copy_tokenizer(tokenizer_dir, out)
@@ -390,11 +388,15 @@ def _read_headers(files: list[Path]) -> dict[str, StoredTensor]:
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    sl = f.get_slice(name)
-                    stored[name] = StoredTensor(file, tuple(sl.get_shape()), sl.get_dtype())
+                names = list(f.keys())
+                headers = [(name, f.get_slice(name)) for name in names]
+                headers = [(name, tuple(sl.get_shape()), sl.get_dtype()) for name, sl in headers]
         except Exception as exc:  # safetensors raises its own error type for truncated / garbage files
             raise ValueError(f"{file}: not a readable safetensors file ({exc})") from None
+        for name, shape, dtype in headers:
+            if name in stored:
+                raise ValueError(f"{name} is stored twice: in {stored[name].file.name} and {file.name}")
+            stored[name] = StoredTensor(file, shape, dtype)
     return stored
 
 
