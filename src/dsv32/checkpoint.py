@@ -17,7 +17,8 @@ Key mapping (ours <-> HF), defined once in `to_hf_key` / `from_hf_key` and used 
 
 Stored dtypes (`tensor_specs`):
 - fp8=True reproduces the release exactly: float8_e4m3fn + F32 `weight_scale_inv` [ceil(out/128),
-  ceil(in/128)] for the attention, MLP, expert and indexer wq_b/wk projections; `dtype` (BF16 in the
+  ceil(in/128)] (W = W_fp8 * scale_inv per block; powers of two when the config says scale_fmt "ue8m0",
+  as V3.2's does) for the attention, MLP, expert and indexer wq_b/wk projections; `dtype` (BF16 in the
   release) for embeddings, heads, router weight, eh_proj and indexer weights_proj; F32 for
   `e_score_correction_bias`; norm weights (and the indexer's LayerNorm weight/bias) F32 for deepseek_v32
   and `dtype` for deepseek_v3 — that is what the two releases ship.
