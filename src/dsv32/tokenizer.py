@@ -194,8 +194,8 @@ class Tokenizer:
             table = []
             for i in range(self.vocab_size):
                 piece = self.backend.id_to_token(i) or ""
-                if piece in added:
-                    table.append(piece.encode("utf-8"))
+                if piece in added or not all(c in _UNICODE_TO_BYTE for c in piece):
+                    table.append(piece.encode("utf-8"))  # added tokens (and odd entries) decode as their text
                 else:
                     table.append(bytes(_UNICODE_TO_BYTE[c] for c in piece))
             self._token_bytes = table
