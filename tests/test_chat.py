@@ -143,6 +143,8 @@ CALL = {"type": "function", "function": {"name": "get", "arguments": '{"city": "
      "chat", ("x", "", [CALL])),  # a JSON object inside the invoke
     ("plan" + CALL_BLOCK + EOS, "thinking", ("", "plan", [CALL])),  # tool call before </think>
     ("t</think>a" + CALL_BLOCK + "\ntrailing words" + EOS, "thinking", ("a\ntrailing words", "t", [CALL])),
+    ('\n\n<function_calls><invoke name="f"><parameter name="v" string="false">NaN</parameter></invoke></function_calls>',
+     "chat", ("", "", [{"type": "function", "function": {"name": "f", "arguments": '{"v": "NaN"}'}}])),  # not JSON
 ])
 def test_parse_completion_is_lenient_like_production_parsers(text, mode, expected):
     parsed = parse_completion(text, mode)
@@ -182,7 +184,7 @@ def test_stream_parser_emits_openai_deltas_with_ids():
 
 
 # Pieces that build and break the markup, so random concatenations hit every parser state.
-FRAGMENTS = ["a", "b c", "\n", "\n\n", "<", ">", "/", '"', "{", "}", "x=1", THINK_START, THINK_END, EOS, DSML,
+FRAGMENTS = ["a", "b c", "\n", "\n\n", "<", ">", "/", '"', "{", "}", "x=1", "NaN", "[1, 2]", THINK_START, THINK_END, EOS, DSML,
              f"<{DSML}function_calls>", f"</{DSML}function_calls>", "<function_calls>", "</function_calls>",
              f'<{DSML}invoke name="f">', f"</{DSML}invoke>", '<invoke name="g">', "</invoke>",
              f'<{DSML}parameter name="k" string="true">', f'<{DSML}parameter name="n" string="false">',
@@ -212,8 +214,15 @@ def test_streaming_is_invariant_to_chunking(case, mode):
     text, chunks = case
     parser = StreamParser(mode)
     deltas = [d for chunk in chunks for d in parser.feed(chunk)] + parser.finish()
-    assert assemble_deltas(deltas) == parse_completion(text, mode)
+    assembled = assemble_deltas(deltas)
+    assert assembled == parse_completion(text, mode)
     assert all(v for d in deltas for v in d.values())  # no empty deltas
+    for call in assembled["tool_calls"] or []:  # arguments are always a strict JSON object
+        assert isinstance(json.loads(call["function"]["arguments"], parse_constant=_no_constants), dict)
+
+
+def _no_constants(name):
+    raise AssertionError(f"{name} in tool-call arguments")
 
 
 SAFE_TEXT = st.lists(st.sampled_from(list("ab 中😀.,:;'\"{}[]\n") + ["<x>", "</y>"]), max_size=15).map("".join)

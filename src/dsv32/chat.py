@@ -401,10 +401,18 @@ def _is_proper_prefix(text: str, needles: Iterable[str]) -> bool:
     return any(len(text) < len(n) and n.startswith(text) for n in needles)
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")  # json.loads would accept NaN/Infinity; clients would not
+
+
+def _strict_json(raw: str):
+    return json.loads(raw, parse_constant=_reject_constant)
+
+
 def _json_value(raw: str) -> str | None:
     try:
-        json.loads(raw)
-    except (json.JSONDecodeError, RecursionError):
+        _strict_json(raw)
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
         return None
     return raw
 
@@ -417,8 +425,8 @@ def _arguments_json(body: str) -> str | None:
         return "{}"
     if stripped.startswith("{"):
         try:
-            return stripped if isinstance(json.loads(stripped), dict) else None
-        except (json.JSONDecodeError, RecursionError):
+            return stripped if isinstance(_strict_json(stripped), dict) else None
+        except (ValueError, RecursionError):
             return None
     values: dict[str, str] = {}
     pos = 0

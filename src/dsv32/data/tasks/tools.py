@@ -11,7 +11,6 @@ import json
 import operator
 import random
 from decimal import Decimal
-from typing import Any
 
 from dsv32.data.tasks.common import Task, extract_answer, generate_split, numbers_match
 
