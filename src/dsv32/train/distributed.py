@@ -383,3 +383,25 @@ clip_grad_norm_ = clip_grad_norm  # the torch spelling
 def gradient_norm(model: nn.Module) -> float:
     """The global gradient 2-norm without clipping (for logging)."""
     return float(clip_grad_norm(model, math.inf))
+
+
+def full_model_copy(model: nn.Module) -> nn.Module | None:
+    """A plain single-device copy of a parallelised model on the main rank (None elsewhere).
+
+    One process: the model itself. Otherwise every rank joins the gather of the full state dict
+    (FSDP shards and EP slices alike), and the main rank loads it into a fresh plain `Transformer`.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from dsv32.model.transformer import Transformer
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main():
+        return None
+    with torch.device("meta"):
+        plain = Transformer(model.config)
+    plain.to_empty(device="cpu")
+    plain.load_state_dict(state)
+    return plain
