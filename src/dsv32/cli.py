@@ -32,12 +32,20 @@ def _add_training_commands(sub) -> None:
     train_cli.add_commands(sub)
 
 
+def _add_inference_commands(sub) -> None:
+    # owned by the inference work (issue 5): generate, chat
+    from dsv32.infer import cli as infer_cli
+
+    infer_cli.add_commands(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv32", description="DeepSeek-V3.2 from scratch: model, training, inference, serving")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_model_commands(sub)
     _add_tokenizer_and_data_commands(sub)
     _add_training_commands(sub)
+    _add_inference_commands(sub)
     return parser
 
 

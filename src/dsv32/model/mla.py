@@ -90,21 +90,32 @@ class MLA(nn.Module):
         if self.indexer is not None:
             # the indexer trains only through its own KL loss: its inputs are detached
             index_keys = self.indexer.keys(x.detach(), ctx.cos, ctx.sin)
+        absorbed = ctx.impl == "absorbed" and ctx.indexer_loss is None
         if cache is not None:
-            latent, k_pe, index_keys = cache.update(ctx.positions, latent, k_pe, index_keys)
+            cache.write(ctx.positions, latent, k_pe, index_keys)
+            n_keys = ctx.allowed.shape[-1]  # the furthest query position + 1
+            index_keys = cache.read_index_keys(n_keys) if self.indexer is not None else None
+        else:
+            n_keys = latent.shape[1]
 
         allowed = ctx.allowed if ctx.allowed is not None else _causal(x.shape[1], x.device)
         selected, index_scores = None, None
         if self.indexer is not None:
-            n_keys = latent.shape[1]
             sparse = n_keys > self.indexer.topk and ctx.indexer_loss != "dense"
             if sparse or ctx.indexer_loss:
                 index_scores = self.indexer.scores(q_latent.detach(), x.detach(), index_keys, ctx.cos, ctx.sin)
             if sparse:
                 selected = select_topk(index_scores, allowed.expand(x.shape[0], -1, -1), self.indexer.topk)
 
-        if ctx.impl == "absorbed" and ctx.indexer_loss is None:
-            out = self._absorbed(q_nope, q_pe, latent, k_pe, allowed, selected)
+        gathered = None
+        if cache is not None:
+            # read only what attention uses: with DSA on the absorbed path, just the selected entries
+            if absorbed and selected is not None:
+                gathered = cache.gather(selected)
+            else:
+                latent, k_pe = cache.read(n_keys)
+        if absorbed:
+            out = self._absorbed(q_nope, q_pe, latent, k_pe, allowed, selected, gathered)
         else:
             out, attn_target = self._expanded(q_nope, q_pe, latent, k_pe, ctx.allowed, selected,
                                               need_probs=ctx.indexer_loss is not None)
@@ -139,8 +150,12 @@ class MLA(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.softmax_scale)
         return out.transpose(1, 2), None
 
-    def _absorbed(self, q_nope, q_pe, latent, k_pe, allowed, selected):
-        """Attention directly over the cached latents; with DSA only the selected entries are read."""
+    def _absorbed(self, q_nope, q_pe, latent, k_pe, allowed, selected, gathered=None):
+        """Attention directly over the cached latents; with DSA only the selected entries are read.
+
+        `gathered`: the selected (latent, rope key) entries [batch, seq, k, ...] when the cache already
+        fetched them (then `latent` and `k_pe` are not used).
+        """
         w_uk, w_uv = self._wkv_b()
         q_abs = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # [batch, seq, heads, kv_lora_rank]
         batch, seq = q_abs.shape[:2]
@@ -151,12 +166,14 @@ class MLA(nn.Module):
             probs = _masked_softmax(scores * self.softmax_scale, valid[:, :, None, :])
             out_latent = torch.einsum("bsht,btc->bshc", probs.to(latent.dtype), values)
         else:
-            rows = torch.arange(batch, device=latent.device)[:, None, None]
-            sel_latent, sel_pe = latent[rows, selected], k_pe[rows, selected]  # [batch, seq, topk, C|R]
+            if gathered is None:
+                rows = torch.arange(batch, device=selected.device)[:, None, None]
+                gathered = latent[rows, selected], k_pe[rows, selected]
+            sel_latent, sel_pe = gathered                                       # [batch, seq, topk, C|R]
             valid = allowed.gather(-1, selected)                                # [batch, seq, topk]
             scores = torch.einsum("bshc,bskc->bshk", q_abs, sel_latent) + torch.einsum("bshr,bskr->bshk", q_pe, sel_pe)
             probs = _masked_softmax(scores * self.softmax_scale, valid[:, :, None, :])
-            out_latent = torch.einsum("bshk,bskc->bshc", probs.to(latent.dtype), sel_latent)
+            out_latent = torch.einsum("bshk,bskc->bshc", probs.to(sel_latent.dtype), sel_latent)
         return torch.einsum("bshc,hvc->bshv", out_latent, w_uv)  # [batch, seq, heads, v_dim]
 
 
