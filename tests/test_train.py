@@ -156,3 +156,28 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     proc = _cli(["train", "sft", "--data", str(tmp_path)])
     assert proc.wait(timeout=120) == 1 and "--init" in proc.stderr.read()
+
+
+def test_config_file_then_flags_then_default_sft_data(workspace, tmp_path):
+    from dsv32.train import cli as train_cli
+    from dsv32.cli import build_parser
+
+    (tmp_path / "run.toml").write_text('steps = 3\nlr = 0.002\nseq_len = 16\n')
+    args = build_parser().parse_args(["train", "pretrain", "--config", str(tmp_path / "run.toml"), "--lr", "0.005",
+                                      "--model-set", "num_hidden_layers=1", "--data", "somewhere"])
+    cfg = train_cli.config_from_args("pretrain", args)
+    assert (cfg.steps, cfg.lr, cfg.seq_len, cfg.model) == (3, 0.005, 16, {"num_hidden_layers": 1})
+    (tmp_path / "bad.json").write_text('{"stepz": 3}')
+    with pytest.raises(ValueError, match="unknown training settings stepz"):
+        TrainConfig.from_file(tmp_path / "bad.json")
+    # SFT without --data prepares the generators' conversations with the checkpoint's tokenizer
+    init = tmp_path / "init"
+    init.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (init / name).write_bytes((workspace / "tok" / name).read_bytes())
+    sft = TrainConfig(stage="sft", out=str(tmp_path / "sft"), init=str(init), progress=False, data="x")
+    data_dir = train_cli.default_sft_data(sft)
+    loader = PackedLoader(data_dir, "train", 64, 4, epochs=1)
+    assert any((b["labels"] == -100).any() for b in loader)
+    sources = [s["spec"] for s in loader.manifest["sources"]]
+    assert sources == list(train_cli.DEFAULT_SFT_SOURCES)

@@ -66,6 +66,26 @@ def config_from_args(stage: str, args: argparse.Namespace) -> TrainConfig:
     return dataclasses.replace(cfg, model=model)
 
 
+# SFT's default data: the generators' chat, tool-use and reasoning (worked-solution) conversations
+DEFAULT_SFT_SOURCES = ("tasks:arithmetic:2000", "tasks:word_problem:2000", "tasks:tool_use:2000")
+
+
+def default_sft_data(cfg: TrainConfig) -> str:
+    """Prepare (once) the default SFT mixture with the tokenizer that ships with the --init checkpoint."""
+    from pathlib import Path
+
+    from dsv32.data.prepare import prepare
+    from dsv32.data.shards import MANIFEST
+
+    tokenizer_dir = cfg.tokenizer or cfg.init
+    if not (Path(tokenizer_dir) / "tokenizer.json").exists():
+        raise ValueError(f"no tokenizer.json in {tokenizer_dir}: give --tokenizer DIR or --data DIR")
+    data_dir = Path(cfg.out) / "data"
+    if not (data_dir / MANIFEST).exists():
+        prepare(list(DEFAULT_SFT_SOURCES), tokenizer_dir, data_dir, show_progress=cfg.progress)
+    return str(data_dir)
+
+
 def _run(stage: str):
     def run(args: argparse.Namespace) -> int:
         from dsv32.train.loop import Trainer
@@ -73,6 +93,8 @@ def _run(stage: str):
         cfg = config_from_args(stage, args)
         if stage == "sft" and not cfg.init:
             raise ValueError("sft starts from a pretrained checkpoint: give --init DIR")
+        if stage == "sft" and not cfg.data:
+            cfg = dataclasses.replace(cfg, data=default_sft_data(cfg))
         trainer = Trainer(cfg)
         last = trainer.run(resume=args.resume)
         if trainer.is_main and last:
