@@ -6,10 +6,20 @@ from __future__ import annotations
 
 import functools
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from dsv32 import ModelConfig, Transformer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Import into a test module: its nano-sized ops run on one thread (threads only add sync cost there)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def nano(**changes) -> ModelConfig:
@@ -51,12 +61,21 @@ def successor(t: int, vocab: int) -> int:
 
 
 @functools.cache
-def periodic_model(steps: int = 160) -> Transformer:
+def periodic_model(steps: int = 100) -> Transformer:
     """A nano model trained until its main head and its MTP head both know `successor` (seconds).
 
     With a trained MTP layer, speculative decoding accepts most drafts, so both the accept and the
     reject paths of the verification get exercised.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # nano's matmuls are too small to gain from threads; a busy machine makes them cost
+    try:
+        return _train_periodic(steps).eval()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_periodic(steps: int) -> Transformer:
     torch.manual_seed(0)
     cfg = nano()
     model = Transformer(cfg)
@@ -77,7 +96,7 @@ def periodic_model(steps: int = 160) -> Transformer:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return model.eval()
+    return model
 
 
 @functools.cache

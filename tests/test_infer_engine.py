@@ -9,7 +9,7 @@ import torch
 
 from dsv32.infer import Engine, SamplingParams
 from dsv32.infer.cache import BlockPool, OutOfBlocks, PagedLatentCache, PagedLayer
-from infer_common import nano, nano_model, periodic_model, prompts_for, reference_greedy
+from infer_common import nano, nano_model, periodic_model, prompts_for, reference_greedy, single_thread  # noqa: F401
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 LENGTHS = (3, 17, 40, 9)  # nano's index_topk is 16: most of these decode with sparse DSA
