@@ -39,6 +39,20 @@ def _add_inference_commands(sub) -> None:
     infer_cli.add_commands(sub)
 
 
+def _add_serving_commands(sub) -> None:
+    # owned by the serving work (issue 6): serve
+    from dsv32.serve import cli as serve_cli
+
+    serve_cli.add_commands(sub)
+
+
+def _add_reasoning_commands(sub) -> None:
+    # owned by the RL work (issue 7): ttc (test-time compute scaling)
+    from dsv32.train import grpo_cli
+
+    grpo_cli.add_ttc_command(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv32", description="DeepSeek-V3.2 from scratch: model, training, inference, serving")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -46,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokenizer_and_data_commands(sub)
     _add_training_commands(sub)
     _add_inference_commands(sub)
+    _add_reasoning_commands(sub)
+    _add_serving_commands(sub)
     return parser
 
 
