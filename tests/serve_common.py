@@ -42,7 +42,7 @@ TOOLS = [WEATHER_TOOL, TIME_TOOL]
 
 
 @functools.cache
-def test_tokenizer():
+def small_tokenizer():
     """A 512-id BPE trained on a few stdlib files and on rendered chat prompts, so that the V3.2
     template (tools section, DSML tags) costs few tokens in the nano model's 1024-token context."""
     from dsv32.data.corpus import stdlib_documents
@@ -64,7 +64,7 @@ def write_checkpoint(out_dir, seed: int = 0, std: float = 0.08) -> str:
     torch.manual_seed(seed)
     model = Transformer(ModelConfig.preset("nano").replace(initializer_range=std)).eval()
     save_pretrained(model, out_dir)
-    test_tokenizer().save(out_dir)
+    small_tokenizer().save(out_dir)
     return str(out_dir)
 
 
@@ -237,8 +237,15 @@ class ScriptedEngine:
                             break
                 if req.finish is None and (len(req.out) >= req.params.max_tokens or req.pos >= len(req.ids)):
                     req.finish = "length"
-            text = req.text[req.sent:]
-            req.sent = len(req.text)
+            end = len(req.text)
+            if req.finish is None:  # hold back text that may still become a stop string, as the engine does
+                for stop in req.params.stop:
+                    for n in range(min(len(stop) - 1, len(req.text)), 0, -1):
+                        if stop.startswith(req.text[-n:]):
+                            end = min(end, len(req.text) - n)
+                            break
+            text = req.text[req.sent:end]
+            req.sent = max(req.sent, end)
             outputs.append(RequestOutput(req.id, new, text, finished=req.finish is not None,
                                          finish_reason=req.finish, stop_reason=req.stop_reason, usage=self._usage(req)))
             if req.finish is not None:

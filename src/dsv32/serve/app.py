@@ -61,6 +61,7 @@ MAX_N = 16
 TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 ROLES = ("system", "developer", "user", "assistant", "tool")
 RETRY_AFTER_S = 1
+BLOCK_STOP = f"<{DSML}function_calls"  # with tool_choice "none": where the output is cut
 
 
 class ServerState:
@@ -452,7 +453,7 @@ def _plan_chat(state: ServerState, req: ChatCompletionRequest) -> _ChatPlan:
         raise _context_error(state, len(prompt), max_tokens, "messages")
     stop = _stop_list(req.stop)
     if mode == "none" or (mode == "auto" and plan.json):
-        stop = stop + [f"<{DSML}function_calls"]  # no tool calls: stop before a block could open
+        stop = stop + [BLOCK_STOP]  # no tool calls: stop before a block could open
     plan.params = [
         _sampling(state, req, max_tokens=max_tokens, logprobs=plan.logprobs, prompt_logprobs=None, stop=stop,
                   skip_special=False, seed=_seed_for(req.seed, i))
@@ -515,6 +516,22 @@ def _openai_deltas(delta: dict) -> list[dict]:
     return out
 
 
+def _finish_parser(parser: StreamParser, out: RequestOutput) -> list[dict]:
+    """The parser's last deltas; when the output was cut before a tool block (tool_choice "none"),
+    without the blank line that would have separated the block."""
+    tail = parser.finish()
+    if out.stop_reason == BLOCK_STOP:
+        for delta in reversed(tail):
+            key = "content" if "content" in delta else "reasoning_content" if "reasoning_content" in delta else None
+            if key is None:
+                break
+            delta[key] = delta[key].rstrip("\n")
+            if delta[key]:
+                break
+        tail = [d for d in tail if any(v for v in d.values())]
+    return tail
+
+
 def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
@@ -555,7 +572,7 @@ async def _chat_stream(state: ServerState, req: ChatCompletionRequest, plan: _Ch
                 cached[i] = out.usage.cached_tokens
             deltas = parsers[i].feed(out.text) if out.text else []
             if out.finished:
-                deltas += parsers[i].finish()
+                deltas += _finish_parser(parsers[i], out)
             lp = None
             if plan.logprobs is not None and out.logprobs:
                 lp = {"content": _chat_logprobs(state, out.logprobs, as_ids)}
@@ -605,7 +622,7 @@ async def _chat_full(state: ServerState, req: ChatCompletionRequest, plan: _Chat
         if plan.logprobs is not None and out.logprobs:
             logprobs[i] += _chat_logprobs(state, out.logprobs, as_ids)
         if out.finished:
-            deltas[i] += parsers[i].finish()
+            deltas[i] += _finish_parser(parsers[i], out)
             finish[i] = out.finish_reason
             if out.usage is not None:
                 cached[i] = out.usage.cached_tokens

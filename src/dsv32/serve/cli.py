@@ -102,19 +102,25 @@ def cmd_serve(args) -> int:
 
     if not 0 <= args.port <= 65535:
         raise CLIError(f"--port must be in [0, 65535], got {args.port}")
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine, tokenizer = build_engine(args)
-    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-    app = create_app(engine, tokenizer, model_name=name, api_key=args.api_key, max_queue=args.max_queue,
-                     root=os.path.abspath(args.model), default_thinking=args.thinking,
-                     sampling_defaults=_sampling_defaults(args.model), shutdown_timeout=args.shutdown_timeout)
-    try:
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"no such checkpoint directory: {args.model}")
+    try:  # bind first: a busy port fails before the model is loaded
         family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.host, args.port))
     except OSError as exc:
         raise CLIError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        engine, tokenizer = build_engine(args)
+    except BaseException:
+        sock.close()
+        raise
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    app = create_app(engine, tokenizer, model_name=name, api_key=args.api_key, max_queue=args.max_queue,
+                     root=os.path.abspath(args.model), default_thinking=args.thinking,
+                     sampling_defaults=_sampling_defaults(args.model), shutdown_timeout=args.shutdown_timeout)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level in ("debug", "info"),
                             timeout_graceful_shutdown=max(1, int(args.shutdown_timeout) + 1))
