@@ -218,12 +218,14 @@ def test_preemption_when_the_cache_is_full_keeps_outputs_exact(model, prompts, e
 
 
 # ---------------------------------------------------------------------- DSA at decode
-def test_dsa_decode_attends_at_most_index_topk_entries(model, monkeypatch):
-    """At 300 tokens of context (index_topk = 16) each decode step reads 16 latents per layer, never all."""
+@pytest.mark.parametrize("fast_decode", [True, False])
+def test_dsa_decode_attends_at_most_index_topk_entries(model, monkeypatch, fast_decode):
+    """At 300 tokens of context (index_topk = 16) each decode step reads 16 latents per layer, never all
+    (the fast decode path and the model's own forward alike)."""
     cfg = model.config
     prompt = prompts_for(cfg, [300], seed=11)[0]
     reads, gathers = [], []
-    real_read, real_gather = PagedLayer.read, PagedLayer.gather
+    real_read, real_gather = PagedLayer.read_kv, PagedLayer.gather_kv  # every latent read goes through these
 
     def spy_read(self, n_keys):
         reads.append(n_keys)
@@ -233,11 +235,11 @@ def test_dsa_decode_attends_at_most_index_topk_entries(model, monkeypatch):
         gathers.append(tuple(selected.shape))
         return real_gather(self, selected)
 
-    eng = Engine(model, max_batch=1, max_seq_len=320, block_size=16, max_prefill_tokens=512)
+    eng = Engine(model, max_batch=1, max_seq_len=320, block_size=16, max_prefill_tokens=512, fast_decode=fast_decode)
     rid = eng.add_request(prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
     out = eng.step()  # prefill (expanded path: 300 queries, masked to their top-k)
-    monkeypatch.setattr(PagedLayer, "read", spy_read)
-    monkeypatch.setattr(PagedLayer, "gather", spy_gather)
+    monkeypatch.setattr(PagedLayer, "read_kv", spy_read)
+    monkeypatch.setattr(PagedLayer, "gather_kv", spy_gather)
     tokens = list(out[0].token_ids)
     while eng.has_unfinished():
         for o in eng.step():
@@ -253,8 +255,8 @@ def test_dense_v3_decode_reads_the_whole_context(monkeypatch):
     model = nano_model(model_type="deepseek_v3")
     prompt = prompts_for(model.config, [40])[0]
     reads = []
-    real_read = PagedLayer.read
-    monkeypatch.setattr(PagedLayer, "read", lambda self, n: reads.append(n) or real_read(self, n))
+    real_read = PagedLayer.read_kv
+    monkeypatch.setattr(PagedLayer, "read_kv", lambda self, n: reads.append(n) or real_read(self, n))
     got = engine(model).complete(prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))[0]
     assert got.token_ids == reference_greedy(model, prompt, 3)
     assert reads[-1] == 42  # the last decode step attended all 42 cached positions

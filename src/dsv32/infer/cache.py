@@ -3,7 +3,9 @@
 Per token and layer it holds exactly what MLA and DSA read at decode (reference §2, §5): the
 normalised KV latent (`kv_lora_rank`), the rotated rope key (`qk_rope_head_dim`) and, for V3.2, the
 indexer key (`index_head_dim`); the MTP layers get their own layer slots when speculative decoding is
-on. Storage is one pool per kind, `[layers, num_blocks, block_size, dim]`; a request owns a list of
+on. Storage is two pools, `[layers, num_blocks, block_size, dim]`: `kv` holds the latent and the rope key
+side by side (`kv_lora_rank + qk_rope_head_dim`: absorbed attention scores both with one product), and
+`index_key` the indexer keys. A request owns a list of
 block ids (its block table) and position `p` of that request lives in block `table[p // block_size]`
 at offset `p % block_size`.
 
@@ -124,17 +126,25 @@ class PagedLatentCache:
         self.include_mtp = include_mtp
         self.num_layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if include_mtp else 0)
         shape = (self.num_layers, num_blocks, block_size)
-        self.latent = torch.zeros(*shape, cfg.kv_lora_rank, dtype=dtype, device=device)
-        self.rope_key = torch.zeros(*shape, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+        self.latent_dim = cfg.kv_lora_rank
+        self.kv = torch.zeros(*shape, cfg.kv_lora_rank + cfg.qk_rope_head_dim, dtype=dtype, device=device)
         self.index_key = torch.zeros(*shape, cfg.index_head_dim, dtype=dtype, device=device) if cfg.use_dsa else None
         self.pool = BlockPool(num_blocks)
+
+    @property
+    def latent(self) -> torch.Tensor:
+        return self.kv[..., : self.latent_dim]
+
+    @property
+    def rope_key(self) -> torch.Tensor:
+        return self.kv[..., self.latent_dim:]
 
     @property
     def num_blocks(self) -> int:
         return self.pool.num_blocks
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.latent, self.rope_key] + ([self.index_key] if self.index_key is not None else [])
+        return [self.kv] + ([self.index_key] if self.index_key is not None else [])
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
@@ -146,10 +156,9 @@ class PagedLatentCache:
     def batch(self, block_tables: list[list[int]]) -> "PagedBatch":
         """A view for one forward over rows with these block tables (padded with the null block)."""
         width = max(1, max(len(t) for t in block_tables))
-        table = torch.full((len(block_tables), width), NULL_BLOCK, dtype=torch.long)
-        for row, blocks in enumerate(block_tables):
-            table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
-        return PagedBatch(self, table.to(self.latent.device))
+        table = torch.tensor([blocks + [NULL_BLOCK] * (width - len(blocks)) for blocks in block_tables],
+                             dtype=torch.long)
+        return PagedBatch(self, table.to(self.kv.device))
 
 
 class PagedBatch:
@@ -185,36 +194,42 @@ class PagedBatch:
 
 
 class PagedLayer:
-    """One layer of a `PagedBatch`, with the `LayerCache` protocol (write / read / read_index_keys / gather)."""
+    """One layer of a `PagedBatch`, with the `LayerCache` protocol (write / read / read_index_keys / gather)
+    plus the combined-kv reads the decode fast path uses."""
 
     def __init__(self, batch: PagedBatch, idx: int):
         cache = batch.cache
         self.batch = batch
-        self.latent = cache.latent[idx]          # [num_blocks, block_size, kv_lora_rank]
-        self.rope_key = cache.rope_key[idx]
-        self.index_key = cache.index_key[idx] if cache.index_key is not None else None
+        self.latent_dim = cache.latent_dim
+        self.kv = cache.kv[idx].view(-1, cache.kv.shape[-1])  # [num_blocks * block_size, kv_lora_rank + rope]
+        self.index_key = cache.index_key[idx].view(-1, cache.index_key.shape[-1]) if cache.index_key is not None else None
 
     def write(self, positions, latent, rope_key, index_key) -> None:
         slots = self.batch.slots(positions).flatten()
-        self.latent.view(-1, self.latent.shape[-1]).index_copy_(0, slots, latent.flatten(0, 1).to(self.latent.dtype))
-        self.rope_key.view(-1, self.rope_key.shape[-1]).index_copy_(0, slots, rope_key.flatten(0, 1).to(self.rope_key.dtype))
+        kv = torch.cat((latent, rope_key), dim=-1).flatten(0, 1)
+        self.kv.index_copy_(0, slots, kv.to(self.kv.dtype))
         if self.index_key is not None and index_key is not None:
-            self.index_key.view(-1, self.index_key.shape[-1]).index_copy_(
-                0, slots, index_key.flatten(0, 1).to(self.index_key.dtype))
+            self.index_key.index_copy_(0, slots, index_key.flatten(0, 1).to(self.index_key.dtype))
 
     def _rows(self, pool: torch.Tensor, n_keys: int) -> torch.Tensor:
         # whole blocks are gathered (contiguous copies of block_size rows), then trimmed to n_keys
-        n_blocks = -(-n_keys // self.batch.block_size)
-        table = self.batch.block_table[:, :n_blocks]
-        return pool[table].flatten(1, 2)[:, :n_keys]  # [batch, n_keys, dim]
+        bs = self.batch.block_size
+        table = self.batch.block_table[:, : -(-n_keys // bs)]
+        return pool.view(-1, bs, pool.shape[-1])[table].flatten(1, 2)[:, :n_keys]  # [batch, n_keys, dim]
+
+    def read_kv(self, n_keys: int) -> torch.Tensor:
+        """Latent and rope key side by side for positions [0, n_keys): [batch, n_keys, C + R]."""
+        return self._rows(self.kv, n_keys)
+
+    def gather_kv(self, selected: torch.Tensor) -> torch.Tensor:
+        """Latent and rope key of the `selected` positions [batch, seq, k]: [batch, seq, k, C + R]."""
+        return self.kv[self.batch._slots(selected)]
 
     def read(self, n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._rows(self.latent, n_keys), self._rows(self.rope_key, n_keys)
+        return self.read_kv(n_keys).split([self.latent_dim, self.kv.shape[-1] - self.latent_dim], dim=-1)
 
     def read_index_keys(self, n_keys: int) -> torch.Tensor | None:
         return self._rows(self.index_key, n_keys) if self.index_key is not None else None
 
     def gather(self, selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        slots = self.batch._slots(selected)  # [batch, seq, k]
-        return (self.latent.view(-1, self.latent.shape[-1])[slots],
-                self.rope_key.view(-1, self.rope_key.shape[-1])[slots])
+        return self.gather_kv(selected).split([self.latent_dim, self.kv.shape[-1] - self.latent_dim], dim=-1)

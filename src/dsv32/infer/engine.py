@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dsv32.infer.cache import OutOfBlocks, PagedLatentCache, block_key
+from dsv32.infer.decode import DecodePath
 from dsv32.infer.sampling import PenaltyState, SamplingParams, TokenLogprob, choose, probabilities, token_logprob
 from dsv32.infer.speculative import SpeculativeStats, verify_draft
 from dsv32.model.transformer import ABSORB_MAX_QUERY_TOKENS
@@ -131,6 +132,7 @@ class Engine:
         speculative: bool = False,
         tokenizer=None,
         cache_dtype: torch.dtype | None = None,
+        fast_decode: bool = True,
         compile: bool = False,
         seed: int | None = None,
     ):
@@ -171,8 +173,11 @@ class Engine:
         self.spec_stats = SpeculativeStats()
         self.counters = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "generated_tokens": 0,
                          "preemptions": 0, "forwards": 0, "finished": 0}
-        self._forward = model.forward
-        self._decode_forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
+        # decode steps run the fast path (infer/decode.py) unless fast_decode=False; prefill always runs
+        # the model's own forward
+        self.decode_path = DecodePath(model) if fast_decode else None
+        decode_fn = self.decode_path.forward if fast_decode else self._model_decode
+        self._decode_forward = torch.compile(decode_fn, dynamic=True) if compile else decode_fn
 
     # ------------------------------------------------------------------ public API
     def add_request(self, prompt_ids: Iterable[int], params: SamplingParams | None = None,
@@ -422,19 +427,28 @@ class Engine:
 
     # ------------------------------------------------------------------ forwards
     def _run(self, rows: list[_Request], ids: torch.Tensor, positions: torch.Tensor, keep: int, decode: bool):
+        """One forward over `rows`; returns (logits [batch, keep or seq, vocab] fp32, final-normed hidden, batch)."""
         batch = self.cache.batch([r.blocks for r in rows])
-        forward = self._decode_forward if decode else self._forward
-        out = forward(ids.to(self.device), positions=positions.to(self.device), cache=batch, logits_to_keep=keep)
+        ids, positions = ids.to(self.device), positions.to(self.device)
+        if decode:
+            logits, hidden, counts = self._decode_forward(ids, positions, batch, keep)
+        else:
+            out = self.model(ids, positions=positions, cache=batch, logits_to_keep=keep)
+            logits, hidden, counts = out.logits, out.hidden_states, out.expert_counts
         self.counters["forwards"] += 1
-        if out.expert_counts is not None:
-            self.expert_load += out.expert_counts[: self.expert_load.shape[0]].cpu()
-        return out, batch
+        if counts is not None:
+            self.expert_load += counts[: self.expert_load.shape[0]].cpu()
+        return logits.float(), hidden, batch
+
+    def _model_decode(self, ids, positions, batch, keep):
+        out = self.model(ids, positions=positions, cache=batch, logits_to_keep=keep)
+        return out.logits, out.hidden_states, out.expert_counts
 
     def _decode(self, rows: list[_Request]) -> None:
         ids = torch.tensor([[r.tokens[-1]] for r in rows])
         positions = torch.tensor([[r.n_computed] for r in rows])
-        out, _ = self._run(rows, ids, positions, keep=1, decode=True)
-        logits = out.logits[:, -1].float()
+        logits, _, _ = self._run(rows, ids, positions, keep=1, decode=True)
+        logits = logits[:, -1]
         tokens = self._greedy_batch(rows, logits)
         for i, req in enumerate(rows):
             req.n_computed += 1
@@ -456,8 +470,8 @@ class Engine:
         positions = torch.arange(start, start + n)[None]
         want_prompt_lp = req.params.prompt_logprobs is not None and not req.prompt_logprobs_sent
         final = start + n == len(req.tokens)
-        out, batch = self._run([req], ids, positions, keep=0 if want_prompt_lp else 1, decode=False)
-        logits = out.logits[0].float()  # [n or 1, vocab]
+        logits, hidden, batch = self._run([req], ids, positions, keep=0 if want_prompt_lp else 1, decode=False)
+        logits = logits[0]  # [n or 1, vocab]
         if want_prompt_lp:
             self._prompt_logprobs(req, start, n, logits)
         req.n_computed += n
@@ -467,7 +481,7 @@ class Engine:
             # the MTP layer's cache follows the main model's (also when the request just finished: its
             # blocks go to the prefix cache); at the end of the prompt the MTP layer drafts
             nxt = req.tokens[start + 1:start + n + 1]
-            mtp_logits = self._mtp(batch, out.hidden_states, torch.tensor([nxt]), positions,
+            mtp_logits = self._mtp(batch, hidden, torch.tensor([nxt]), positions,
                                    keep=1 if final and not req.finished else 0)
             if mtp_logits is not None:
                 self._set_draft(req, mtp_logits[0, -1])
@@ -484,9 +498,11 @@ class Engine:
 
     # ------------------------------------------------------------------ speculative decoding
     def _mtp(self, batch, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
-             keep: int) -> torch.Tensor | None:
+             keep: int, decode: bool = False) -> torch.Tensor | None:
         """Run the first MTP layer at `positions` on (main final-normed `hidden`, embedding of the next token),
         writing its cache layer; returns the logits of the last `keep` positions (None for keep=0)."""
+        if decode and self.decode_path is not None:
+            return self.decode_path.mtp(hidden, next_ids.to(self.device), positions.to(self.device), batch, keep).float()
         model = self.model
         mtp = model.mtp[0]
         positions = positions.to(self.device)
@@ -504,8 +520,7 @@ class Engine:
         # every row feeds [last token, draft] at [m-1, m]; a row without a draft feeds a placeholder
         ids = torch.tensor([[r.tokens[-1], r.draft if r.draft is not None else r.tokens[-1]] for r in rows])
         positions = torch.tensor([[r.n_computed, r.n_computed + 1] for r in rows])
-        out, batch = self._run(rows, ids, positions, keep=2, decode=True)
-        logits = out.logits.float()  # [batch, 2, vocab]
+        logits, hidden, batch = self._run(rows, ids, positions, keep=2, decode=True)  # logits [batch, 2, vocab]
         greedy = self._greedy_batch(rows, logits.flatten(0, 1))
         take = []  # per row: which of the two MTP positions drafts next
         for i, req in enumerate(rows):
@@ -536,7 +551,7 @@ class Engine:
         # their blocks enter the prefix cache with valid MTP entries.
         m = [int(p) for p in positions[:, 1]]
         nxt = torch.tensor([[r.tokens[m[i]], r.tokens[-1]] for i, r in enumerate(rows)])
-        mtp_logits = self._mtp(batch, out.hidden_states, nxt, positions, keep=2)
+        mtp_logits = self._mtp(batch, hidden, nxt, positions, keep=2, decode=True)
         for i, req in enumerate(rows):
             if not req.finished:
                 self._set_draft(req, mtp_logits[i, take[i]])

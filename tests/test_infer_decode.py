@@ -1,0 +1,100 @@
+"""The decode fast path against the model's own forward: same logits, hidden states, top-k sets."""
+import copy
+
+import pytest
+import torch
+
+from dsv32.infer.cache import PagedLatentCache
+from dsv32.infer.decode import DecodePath, topk_positions, transpose_wide_weights
+from dsv32.infer.quant import quantize_int8
+from dsv32.model.indexer import select_topk
+from infer_common import nano_model, single_thread  # noqa: F401
+
+CONFIGS = {
+    "v32-sparse": dict(),
+    "v3-dense": dict(model_type="deepseek_v3"),
+    "v3-no-q-lora": dict(model_type="deepseek_v3", q_lora_rank=None),
+}
+
+
+def _fill(model, lengths, block_size=8, include_mtp=False):
+    """Prefill rows of different lengths through the model's path into one paged cache."""
+    cfg = model.config
+    cache = PagedLatentCache(cfg, num_blocks=64, block_size=block_size, include_mtp=include_mtp)
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(2, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    tables = []
+    for row in rows:
+        blocks = [cache.pool.allocate() for _ in range(-(-(len(row) + 2) // block_size))]
+        tables.append(blocks)
+        model(torch.tensor([row]), cache=cache.batch([blocks]))
+    return cache, rows, tables
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("seq", [1, 2])
+def test_fast_path_equals_the_model_forward(name, seq):
+    """Rows at different positions (22 and 39 cached tokens), one or two new tokens each."""
+    model = nano_model(**CONFIGS[name])
+    fast = DecodePath(model)
+    results = []
+    for path in ("model", "fast"):
+        cache, rows, tables = _fill(model, [22, 39])
+        batch = cache.batch(tables)
+        ids = torch.tensor([[5, 6][:seq], [7, 8][:seq]])
+        positions = torch.tensor([[22, 23][:seq], [39, 40][:seq]])
+        with torch.no_grad():
+            if path == "model":
+                out = model(ids, positions=positions, cache=batch, logits_to_keep=seq)
+                results.append((out.logits, out.hidden_states, out.expert_counts))
+            else:
+                results.append(fast.forward(ids, positions, batch, keep=seq))
+    (ml, mh, mc), (fl, fh, fc) = results
+    assert (fl - ml).abs().max() < 1e-4 and (fh - mh).abs().max() < 1e-4
+    assert torch.equal(fc, mc)
+
+
+def test_fast_mtp_equals_the_model_mtp_layer():
+    model = nano_model()
+    fast = DecodePath(model)
+    hidden = torch.randn(2, 2, model.config.hidden_size)
+    next_ids = torch.tensor([[3, 4], [5, 6]])
+    positions = torch.tensor([[22, 23], [39, 40]])
+    outs = []
+    for path in ("model", "fast"):
+        cache, _, tables = _fill(model, [22, 39], include_mtp=True)
+        batch = cache.batch(tables)
+        with torch.no_grad():
+            if path == "model":
+                mtp = model.mtp[0]
+                ctx = model._context(positions, batch, None, "absorbed", None)
+                h, _ = mtp(hidden, model.embed_tokens(next_ids), ctx, batch.layer(model.config.num_hidden_layers))
+                outs.append(model.lm_head(mtp.shared_head.norm(h)))
+            else:
+                outs.append(fast.mtp(hidden, next_ids, positions, batch, keep=2))
+    assert (outs[0] - outs[1]).abs().max() < 1e-4
+
+
+def test_fast_path_on_int8_and_transposed_weights():
+    model = nano_model()
+    for variant in (quantize_int8(copy.deepcopy(model)), copy.deepcopy(model)):
+        if not any(type(m).__name__ == "Int8Linear" for m in variant.modules()):
+            assert transpose_wide_weights(variant) > 0
+            assert not variant.lm_head.weight.is_contiguous() and torch.equal(variant.lm_head.weight, model.lm_head.weight)
+        cache, _, tables = _fill(variant, [30])
+        ids, positions = torch.tensor([[9]]), torch.tensor([[30]])
+        with torch.no_grad():
+            want = variant(ids, positions=positions, cache=cache.batch(tables)).logits
+            got, _, _ = DecodePath(variant).forward(ids, positions, cache.batch(tables))
+        assert (got - want).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_topk_positions_is_the_stable_sort_set(seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 4, (3, 2, 50), generator=g).float()  # many exact ties
+    allowed = torch.arange(50) <= torch.tensor([[10, 11], [49, 49], [3, 30]])[:, :, None]
+    for k in (1, 8, 16):
+        got = topk_positions(scores, allowed, k)
+        want = select_topk(scores, allowed, k)
+        assert torch.equal(got, want.sort(dim=-1).values)  # the same set, in position order
