@@ -3,7 +3,7 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 STAMP := .venv/.installed
 
-.PHONY: venv test test-slow demo bench clean
+.PHONY: venv test test-slow test-all demo bench clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,11 @@ test: venv
 
 test-slow: venv
 	OMP_NUM_THREADS=2 $(PY) -m pytest -m slow
+
+# everything, slow tests included; lm-eval (for the server's lm-eval test) is installed here, not by `venv`
+test-all: venv
+	$(PIP) install -q 'lm-eval[api]==0.4.13'
+	OMP_NUM_THREADS=2 $(PY) -m pytest -m 'slow or not slow'
 
 demo: venv
 	.venv/bin/dsv32 demo
