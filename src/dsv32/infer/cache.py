@@ -158,15 +158,19 @@ class PagedLatentCache:
         width = max(1, max(len(t) for t in block_tables))
         table = torch.tensor([blocks + [NULL_BLOCK] * (width - len(blocks)) for blocks in block_tables],
                              dtype=torch.long)
-        return PagedBatch(self, table.to(self.kv.device))
+        # a single row whose blocks are consecutive ids is one contiguous slab: reads can be views
+        run = block_tables[0] if len(block_tables) == 1 else None
+        start = run[0] if run and run == list(range(run[0], run[0] + len(run))) else None
+        return PagedBatch(self, table.to(self.kv.device), start)
 
 
 class PagedBatch:
     """What `Transformer.forward(cache=...)` sees: `layer(i)` views over a batch's block tables."""
 
-    def __init__(self, cache: PagedLatentCache, block_table: torch.Tensor):
+    def __init__(self, cache: PagedLatentCache, block_table: torch.Tensor, contiguous_start: int | None = None):
         self.cache = cache
         self.block_table = block_table  # [batch, blocks]
+        self.contiguous_start = contiguous_start  # first block of a one-row batch stored contiguously
         self.block_size = cache.block_size
         self.max_len = block_table.shape[1] * cache.block_size
         self._memo: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -212,8 +216,11 @@ class PagedLayer:
             self.index_key.index_copy_(0, slots, index_key.flatten(0, 1).to(self.index_key.dtype))
 
     def _rows(self, pool: torch.Tensor, n_keys: int) -> torch.Tensor:
-        # whole blocks are gathered (contiguous copies of block_size rows), then trimmed to n_keys
         bs = self.batch.block_size
+        start = self.batch.contiguous_start
+        if start is not None:  # no copy: a view of the slab
+            return pool[start * bs: start * bs + n_keys][None]
+        # whole blocks are gathered (contiguous copies of block_size rows), then trimmed to n_keys
         table = self.batch.block_table[:, : -(-n_keys // bs)]
         return pool.view(-1, bs, pool.shape[-1])[table].flatten(1, 2)[:, :n_keys]  # [batch, n_keys, dim]
 
@@ -223,7 +230,8 @@ class PagedLayer:
 
     def gather_kv(self, selected: torch.Tensor) -> torch.Tensor:
         """Latent and rope key of the `selected` positions [batch, seq, k]: [batch, seq, k, C + R]."""
-        return self.kv[self.batch._slots(selected)]
+        slots = self.batch._slots(selected)
+        return self.kv.index_select(0, slots.flatten()).view(*slots.shape, self.kv.shape[-1])
 
     def read(self, n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.read_kv(n_keys).split([self.latent_dim, self.kv.shape[-1] - self.latent_dim], dim=-1)

@@ -21,12 +21,12 @@ from dsv32.infer.cache import PagedBatch, PagedLayer
 from dsv32.model.moe import Experts, MoE, Routing
 
 
-def topk_positions(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
+def topk_positions(scores: torch.Tensor, allowed: torch.Tensor | None, k: int) -> torch.Tensor:
     """The set `select_topk` picks (k best allowed keys, ties to the lower position), in position order.
 
-    scores, allowed: [batch, seq, n_keys] -> [batch, seq, k] key positions.
+    scores, allowed: [batch, seq, n_keys] (allowed None: every key) -> [batch, seq, k] key positions.
     """
-    masked = scores.masked_fill(~allowed, float("-inf"))
+    masked = scores if allowed is None else scores.masked_fill(~allowed, float("-inf"))
     kth = masked.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)  # the k-th best score
     above = masked > kth
     tied = masked == kth
@@ -83,23 +83,42 @@ class DecodePath:
         w_uk, w_uv = attn._wkv_b()
         q_abs = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)                     # [batch, seq, heads, C]
         q_cat = torch.cat((q_abs, self._rotate(q_pe, freqs)), dim=-1)           # [batch, seq, heads, C + R]
+        # one row with one query at the furthest position sees every key: no mask needed
+        every = allowed if batch * seq > 1 else None
         if indexer is not None and n_keys > indexer.topk:
-            scores = indexer.scores(q_latent, x, layer.read_index_keys(n_keys), cos, sin)
-            selected = topk_positions(scores, allowed, indexer.topk)            # [batch, seq, topk]
+            scores = self._index_scores(indexer, q_latent, x, layer.read_index_keys(n_keys), cos, sin)
+            selected = topk_positions(scores, every, indexer.topk)              # [batch, seq, topk]
             kv = layer.gather_kv(selected)                                      # [batch, seq, topk, C + R]
-            valid = allowed.gather(-1, selected)
+            valid = every.gather(-1, selected) if every is not None else None
             logits = torch.einsum("bshc,bskc->bshk", q_cat, kv)
             value_eq = "bshk,bskc->bshc"
         else:
             kv = layer.read_kv(n_keys)                                          # [batch, n_keys, C + R]
-            valid = allowed
+            valid = every
             logits = torch.einsum("bshc,btc->bsht", q_cat, kv)
             value_eq = "bsht,btc->bshc"
-        logits = (logits.float() * attn.softmax_scale).masked_fill(~valid[:, :, None], float("-inf"))
+        logits = logits.float() * attn.softmax_scale
+        if valid is not None:
+            logits = logits.masked_fill(~valid[:, :, None], float("-inf"))
         probs = torch.softmax(logits, dim=-1).to(kv.dtype)
         out_latent = torch.einsum(value_eq, probs, kv[..., : attn.kv_lora_rank])
         out = torch.einsum("bshc,hvc->bshv", out_latent, w_uv)
         return attn.o_proj.forward(out.flatten(2))
+
+    @staticmethod
+    def _index_scores(indexer, q_latent, x, keys, cos, sin) -> torch.Tensor:
+        """`Indexer.scores` (I[t,s] = sum_h w[t,h] relu(q[t,h] . k[s])) with the keys streamed row by row."""
+        if indexer.simulate_fp8:
+            return indexer.scores(q_latent, x, keys, cos, sin)
+        batch, seq, _ = x.shape
+        q = indexer.wq_b.forward(q_latent).view(batch, seq, indexer.n_heads, indexer.head_dim)
+        q = indexer._rope_first(q, cos, sin).float()
+        w = indexer.weights_proj.forward(x).float() * (indexer.n_heads ** -0.5) * (indexer.head_dim ** -0.5)
+        dots = torch.bmm(keys.float(), q.flatten(1, 2).transpose(1, 2))          # [batch, n_keys, seq * heads]
+        per_head = F.relu(dots).view(batch, -1, seq, indexer.n_heads)
+        if seq == 1:  # the head-weighted sum as a matmul
+            return torch.bmm(per_head.view(batch, -1, indexer.n_heads), w.view(batch, -1, 1)).view(batch, 1, -1)
+        return torch.einsum("btsh,bsh->bst", per_head, w)                       # [batch, seq, n_keys]
 
     # ------------------------------------------------------------------ blocks
     def _block(self, block, h, positions, rope, layer, allowed, n_keys, counts: list):
@@ -142,16 +161,19 @@ class DecodePath:
 
     @torch.inference_mode()
     def mtp(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, cache: PagedBatch,
-            keep: int) -> torch.Tensor:
-        """The first MTP layer on (main final-normed hidden, next token) at `positions`; logits of the last `keep`."""
+            pick: torch.Tensor | None) -> torch.Tensor | None:
+        """The first MTP layer on (main final-normed hidden, next token) at `positions`, writing its cache layer;
+        returns the logits [batch, vocab] at index `pick` [batch] of each row (None if `pick` is None)."""
         model = self.model
         mtp = model.mtp[0]
         n_keys, allowed, rope = self._setup(positions)
         emb = model.embed_tokens(next_ids)
         h = mtp.eh_proj.forward(torch.cat((self._norm(emb, mtp.enorm), self._norm(hidden, mtp.hnorm)), dim=-1))
         h = self._block(mtp, h, positions, rope, cache.layer(self.n_layers), allowed, n_keys, None)
-        return model.lm_head.forward(self._norm(h[:, -keep:], mtp.shared_head.norm))
-
+        if pick is None:
+            return None
+        h = h[torch.arange(h.shape[0], device=h.device), pick.to(h.device)]
+        return model.lm_head.forward(self._norm(h, mtp.shared_head.norm))
 
 def _active_experts(experts: Experts, x: torch.Tensor, routing: Routing) -> torch.Tensor:
     """`Experts.forward` for a handful of tokens: one SwiGLU per expert that has tokens, none for the rest."""

@@ -481,10 +481,10 @@ class Engine:
             # the MTP layer's cache follows the main model's (also when the request just finished: its
             # blocks go to the prefix cache); at the end of the prompt the MTP layer drafts
             nxt = req.tokens[start + 1:start + n + 1]
-            mtp_logits = self._mtp(batch, hidden, torch.tensor([nxt]), positions,
-                                   keep=1 if final and not req.finished else 0)
+            pick = torch.tensor([n - 1]) if final and not req.finished else None
+            mtp_logits = self._mtp(batch, hidden, torch.tensor([nxt]), positions, pick)
             if mtp_logits is not None:
-                self._set_draft(req, mtp_logits[0, -1])
+                self._set_draft(req, mtp_logits[0])
 
     def _prompt_logprobs(self, req: _Request, start: int, n: int, logits: torch.Tensor) -> None:
         if req.prompt_logprobs is None:
@@ -498,20 +498,23 @@ class Engine:
 
     # ------------------------------------------------------------------ speculative decoding
     def _mtp(self, batch, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
-             keep: int, decode: bool = False) -> torch.Tensor | None:
+             pick: torch.Tensor | None, decode: bool = False) -> torch.Tensor | None:
         """Run the first MTP layer at `positions` on (main final-normed `hidden`, embedding of the next token),
-        writing its cache layer; returns the logits of the last `keep` positions (None for keep=0)."""
+        writing its cache layer; returns the logits [batch, vocab] at position index `pick` [batch] of each
+        row (None when `pick` is None: only the cache entries are wanted)."""
+        next_ids, positions = next_ids.to(self.device), positions.to(self.device)
         if decode and self.decode_path is not None:
-            return self.decode_path.mtp(hidden, next_ids.to(self.device), positions.to(self.device), batch, keep).float()
+            logits = self.decode_path.mtp(hidden, next_ids, positions, batch, pick)
+            return logits.float() if logits is not None else None
         model = self.model
         mtp = model.mtp[0]
-        positions = positions.to(self.device)
         impl = "absorbed" if positions.shape[1] <= ABSORB_MAX_QUERY_TOKENS else "expanded"
         ctx = model._context(positions, batch, None, impl, None)
-        h, _ = mtp(hidden, model.embed_tokens(next_ids.to(self.device)), ctx, batch.layer(self.cfg.num_hidden_layers))
-        if keep == 0:
+        h, _ = mtp(hidden, model.embed_tokens(next_ids), ctx, batch.layer(self.cfg.num_hidden_layers))
+        if pick is None:
             return None
-        return model.lm_head(mtp.shared_head.norm(h[:, -keep:])).float()
+        h = h[torch.arange(h.shape[0], device=h.device), pick.to(h.device)]
+        return model.lm_head(mtp.shared_head.norm(h)).float()
 
     def _set_draft(self, req: _Request, logits: torch.Tensor) -> None:
         req.draft, req.draft_probs = self._sample(req, logits)
@@ -546,15 +549,18 @@ class Engine:
             stats.emitted += len(req.output_ids) - before
             req.draft = req.draft_probs = None
             take.append(1 if accepted else 0)
-        # MTP over [m-1, m]: (h_{m-1}, x_m) and, when the draft was kept, (h_m, x_{m+1}); otherwise the
-        # second entry is a placeholder that the next step overwrites. Finished rows run too, so that
-        # their blocks enter the prefix cache with valid MTP entries.
+        # MTP over [m-1, m]: (h_{m-1}, x_m) and, when the draft was kept, (h_m, x_{m+1}); in a batch where
+        # some rows kept theirs, the others' second entry is a placeholder that the next step overwrites.
+        # When no row kept its draft only m-1 runs (two tokens would route to twice the experts). Finished
+        # rows run too, so that their blocks enter the prefix cache with valid MTP entries.
+        width = 2 if any(take) else 1
         m = [int(p) for p in positions[:, 1]]
         nxt = torch.tensor([[r.tokens[m[i]], r.tokens[-1]] for i, r in enumerate(rows)])
-        mtp_logits = self._mtp(batch, hidden, nxt, positions, keep=2, decode=True)
+        mtp_logits = self._mtp(batch, hidden[:, :width], nxt[:, :width], positions[:, :width], torch.tensor(take),
+                               decode=True)
         for i, req in enumerate(rows):
             if not req.finished:
-                self._set_draft(req, mtp_logits[i, take[i]])
+                self._set_draft(req, mtp_logits[i])
 
     def _verify(self, req: _Request, logits: torch.Tensor, greedy_token: int | None) -> tuple[bool, int]:
         if greedy_token is not None:

@@ -12,7 +12,8 @@ the experts), `kv_b_proj` (the absorbed attention reads its matrix directly) and
 (small, and its scores pick the attended tokens).
 
 The matmul uses PyTorch's `_weight_int8pack_mm` CPU kernel with bf16 activations (its fp32 variant
-is not vectorised); the per-channel scale is applied afterwards in fp32. Without that kernel (or off
+is not vectorised, and the bf16 rounding of the activations adds less error than the int8 weights);
+the per-channel scale is applied afterwards in fp32. Without that kernel (or off
 CPU) the weight is dequantised per call, which is correct but not faster.
 """
 from __future__ import annotations
@@ -36,30 +37,23 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return q.contiguous(), scale
 
 
-def _kernel_ok(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm")
+_HAS_KERNEL = hasattr(torch, "_weight_int8pack_mm")
 
 
-def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [..., in] @ (q * scale)^T -> [..., out] in x's dtype."""
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ones: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ (q * scale)^T -> [..., out] (fp32 for fp32 x). `ones`: bf16 ones [out] for the kernel."""
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
-    if _kernel_ok(flat):
-        ones = _ones(q.shape[0], x.device)
-        y = torch._weight_int8pack_mm(flat.to(torch.bfloat16).contiguous(), q, ones).float() * scale
+    if _HAS_KERNEL and x.device.type == "cpu":
+        if ones is None:
+            ones = torch.ones(q.shape[0], dtype=torch.bfloat16)
+        # bf16 activations into the int8 kernel (unit scales), then the fp32 per-channel scale
+        y = torch.mul(torch._weight_int8pack_mm(flat.to(torch.bfloat16), q, ones), scale)
     else:
         y = F.linear(flat.float(), q.float() * scale[:, None])
-    return y.to(x.dtype).view(*shape[:-1], q.shape[0])
-
-
-_ONES: dict[tuple[int, str], torch.Tensor] = {}
-
-
-def _ones(n: int, device) -> torch.Tensor:
-    key = (n, str(device))
-    if key not in _ONES:
-        _ONES[key] = torch.ones(n, dtype=torch.bfloat16, device=device)
-    return _ONES[key]
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y.view(*shape[:-1], q.shape[0])
 
 
 class Int8Linear(nn.Module):
@@ -69,10 +63,11 @@ class Int8Linear(nn.Module):
         q, scale = quantize_per_channel(linear.weight)
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
+        self.register_buffer("ones", torch.ones(q.shape[0], dtype=torch.bfloat16, device=q.device), persistent=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = int8_matmul(x, self.qweight, self.scale)
+        y = int8_matmul(x, self.qweight, self.scale, self.ones)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
     def extra_repr(self) -> str:
@@ -89,9 +84,12 @@ class Int8Experts(nn.Module):
             q, scale = quantize_per_channel(getattr(experts, name))
             self.register_buffer(f"{name}_q", q)
             self.register_buffer(f"{name}_scale", scale)
+            self.register_buffer(f"{name}_ones", torch.ones(q.shape[1], dtype=torch.bfloat16, device=q.device),
+                                 persistent=False)
 
     def _mm(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
-        return int8_matmul(x, getattr(self, f"{name}_q")[e], getattr(self, f"{name}_scale")[e])
+        return int8_matmul(x, getattr(self, f"{name}_q")[e], getattr(self, f"{name}_scale")[e],
+                           getattr(self, f"{name}_ones"))
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         tokens, top_k = routing.indices.shape
