@@ -13,7 +13,7 @@ differently (dsv32: by position; transformers: `torch.topk`'s unspecified order)
 check is also repeated with transformers' `Tensor.topk` made position-stable: that value must be
 ~1e-6 for the implementations to agree.
 
-Usage: OMP_NUM_THREADS=2 .venv/bin/python bench/forward.py [--repeats 7] [--shapes 1x512,4x256]
+Usage: OMP_NUM_THREADS=2 .venv/bin/python bench/forward.py [--repeats 9] [--shapes 1x512,4x256]
 The last line printed is one JSON object: {"bench": "forward", "ratio_vs_hf": R, ...}
 (R = geometric mean over the shapes of dsv32 tokens/s / transformers tokens/s).
 """
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shapes", default="1x512,4x256", help="comma-separated BATCHxSEQ prompts")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
