@@ -64,3 +64,30 @@ def test_cli_errors_are_one_line(model_dir, tmp_path, capsys):
     assert err.count("\n") == 1 and "cannot listen" in err
     assert main(["serve", "--model", model_dir, "--port", "70000"]) == 1
     assert "--port" in capsys.readouterr().err
+
+
+def test_speculative_engine_behind_the_app(model_dir):
+    """The app over a real engine with MTP speculation: greedy output equals plain decoding, and
+    the acceptance counters reach /metrics."""
+    from dsv32.checkpoint import load_pretrained
+    from dsv32.infer import Engine
+    from dsv32.serve.app import create_app
+    from dsv32.tokenizer import Tokenizer
+    from serve_common import InProcessServer, metric_value
+
+    tok = Tokenizer.load(model_dir)
+    outputs = {}
+    for speculative in (False, True):
+        engine = Engine(load_pretrained(model_dir), max_batch=4, max_seq_len=256, speculative=speculative,
+                        tokenizer=tok)
+        srv = InProcessServer(create_app(engine, tok, model_name="spec"))
+        try:
+            body = {"messages": [{"role": "user", "content": "count"}], "max_tokens": 12, "temperature": 0}
+            r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60).json()
+            outputs[speculative] = r["choices"][0]["message"]["content"]
+            text = httpx.get(srv.url + "/metrics", timeout=30).text
+            drafted = metric_value(text, "dsv32:spec_decode_num_draft_tokens_total")
+            assert (drafted > 0) == speculative
+        finally:
+            srv.close()
+    assert outputs[True] == outputs[False]

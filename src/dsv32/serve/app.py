@@ -570,6 +570,8 @@ async def _chat_stream(state: ServerState, req: ChatCompletionRequest, plan: _Ch
             completion[i] += len(out.token_ids)
             if out.usage is not None:
                 cached[i] = out.usage.cached_tokens
+                if out.finished:
+                    completion[i] = out.usage.completion_tokens
             deltas = parsers[i].feed(out.text) if out.text else []
             if out.finished:
                 deltas += _finish_parser(parsers[i], out)
@@ -626,6 +628,7 @@ async def _chat_full(state: ServerState, req: ChatCompletionRequest, plan: _Chat
             finish[i] = out.finish_reason
             if out.usage is not None:
                 cached[i] = out.usage.cached_tokens
+                completion[i] = out.usage.completion_tokens
             if out.finish_reason == FINISH_ABORT:
                 raise EngineStopped("the request was cancelled: the server is shutting down")
     choices = []
