@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from serve_common import ServerProcess, sse_events, write_checkpoint
+from serve_common import ServerProcess, write_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -204,7 +204,7 @@ def _token_str(tokenizer, token_id: int, as_ids: bool) -> str:
 def _token_bytes(tokenizer, token_id: int) -> list[int]:
     try:
         return list(tokenizer.token_bytes(token_id))
-    except ValueError:
+    except (ValueError, IndexError):  # not byte-level, or an id past the tokenizer's vocabulary
         return list(tokenizer.decode([token_id]).encode("utf-8"))
 
 

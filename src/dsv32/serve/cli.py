@@ -9,7 +9,6 @@ streams end with an error event and [DONE]).
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging

@@ -111,6 +111,7 @@ class Program:
         self._detok = self.tok.detokenizer(skip_special=False)
         self._pending = b""  # bytes of guided tokens that do not form a whole character yet
         self._special = set(self.tok.special_ids.values())
+        self._vocab = self.tok.vocab_size
 
     # ----- budget
     @property
@@ -250,8 +251,8 @@ class Program:
                             stop_here = True
                             break
                     continue
-                if token in self._special and not allow_special:
-                    continue
+                if (token in self._special and not allow_special) or token >= self._vocab:
+                    continue  # (ids past the tokenizer's vocabulary: padding rows of the embedding)
                 piece = self._candidate_text(token)
                 if piece is not None and piece and guide.check(seg + piece)[0]:
                     allowed.append(token)

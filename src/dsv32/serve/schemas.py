@@ -6,7 +6,7 @@ need a clear message live in app.py's request translation.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -83,5 +83,3 @@ class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int]
 
-
-ToolChoiceMode = Literal["auto", "none", "required"]
