@@ -209,12 +209,21 @@ def test_finished_and_aborted_requests_free_their_blocks(model, prompts):
     assert eng.cache.pool.num_free == total
 
 
-def test_preemption_when_the_cache_is_full_keeps_outputs_exact(model, prompts, expected):
-    # 15 usable blocks of 8 tokens for 4 requests that need up to 7 each: some get preempted and redone
-    eng = engine(model, num_blocks=16)
-    got = [c.token_ids for c in eng.complete(prompts, GREEDY)]
-    assert got == expected
+@pytest.mark.parametrize("chunk", [512, 6])
+def test_preemption_when_the_cache_is_full_keeps_outputs_exact(model, prompts, expected, chunk):
+    # 9 usable blocks of 8 tokens for 4 requests that need up to 7 each: some get preempted and redone,
+    # also in the middle of a prefill that collects prompt logprobs
+    eng = engine(model, num_blocks=10, max_prefill_tokens=chunk)
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, prompt_logprobs=0)
+    done = eng.complete(prompts, params)
+    assert [c.token_ids for c in done] == expected
     assert eng.counters["preemptions"] > 0
+    for p, c in zip(prompts, done):
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([p])).logits[0], -1)
+        assert len(c.prompt_logprobs) == len(p)
+        want = [float(lp[i - 1, p[i]]) for i in range(1, len(p))]
+        assert [e.logprob for e in c.prompt_logprobs[1:]] == pytest.approx(want, abs=1e-4)
 
 
 # ---------------------------------------------------------------------- DSA at decode
@@ -284,6 +293,8 @@ def test_bad_requests_are_clear_errors(model):
         eng.add_request([1, 99999])
     with pytest.raises(ValueError, match="max_seq_len"):
         eng.add_request(list(range(2, 98)))
+    with pytest.raises(ValueError, match="cache blocks"):
+        engine(model, num_blocks=4).add_request([2] * 20, SamplingParams(max_tokens=20))
     with pytest.raises(ValueError, match="tokenizer"):
         eng.add_request([2, 3], SamplingParams(stop=["x"]))
     rid = eng.add_request([2, 3], request_id="a")

@@ -18,6 +18,13 @@ latents are in the cache. A request in decode has exactly one token not yet fed.
 blocks the most recently admitted request is preempted: its blocks are freed and it is prefilled
 again later (its tokens so far become its prompt).
 
+Decode steps run `DecodePath` (infer/decode.py: the model's math with fewer ops) unless
+`fast_decode=False`, which uses `Transformer.forward` itself; prefill always uses the model's forward.
+The engine reads the model's weights in place: after changing them (an RL update), call
+`reset_prefix_cache()`, since cached blocks hold latents computed by the old weights. `compile=True`
+wraps the decode step in `torch.compile`; on the CPUs measured it compiles for minutes and runs no
+faster (bench/README.md), so eager is the default.
+
 Not thread-safe: drive it from one thread (a server runs one engine loop and feeds it requests).
 """
 from __future__ import annotations
@@ -197,9 +204,11 @@ class Engine:
                              "(room for at least one generated token is needed)")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need an engine with a tokenizer")
-        blocks_needed = -(-(len(prompt) + 2) // self.block_size)
+        longest = min(len(prompt) + params.max_tokens, self.max_seq_len) + 1  # (+1: a speculative draft)
+        blocks_needed = -(-longest // self.block_size)
         if blocks_needed > self.cache.num_blocks - 1:
-            raise ValueError(f"the prompt needs {blocks_needed} cache blocks; the cache has {self.cache.num_blocks - 1}")
+            raise ValueError(f"the request can grow to {longest} positions, {blocks_needed} cache blocks; the cache "
+                             f"has {self.cache.num_blocks - 1}: lower max_tokens or give the engine more blocks")
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         if request_id in self.requests:
@@ -245,8 +254,10 @@ class Engine:
         """Advance every running request by one forward; returns the outputs of those that produced something."""
         self._admit()
         touched: list[_Request] = []
-        decode = [r for r in self.running if len(r.tokens) - r.n_computed == 1]
-        decode = [r for r in decode if self._reserve(r, len(r.tokens) + (1 if self.speculative else 0))]
+        decode = []
+        for req in [r for r in self.running if len(r.tokens) - r.n_computed == 1]:
+            if self._reserve(req, len(req.tokens) + (1 if self.speculative else 0)):
+                decode.append(req)
         decode = [r for r in decode if r in self.running]  # a later reservation may have preempted an earlier row
         if decode:
             (self._decode_speculative if self.speculative else self._decode)(decode)
@@ -348,12 +359,12 @@ class Engine:
         while self.waiting and len(self.running) < self.max_batch:
             req = self.waiting[0]
             hits = self._match_prefix(req)
-            needed = -(-(len(req.tokens) + 2) // self.block_size) - len(hits)
+            needed = -(-(len(req.tokens) + 1) // self.block_size) - len(hits)
             if pool.num_free < needed:
                 for block in hits:
                     pool.release(block)
-                if not self.running:
-                    raise RuntimeError("a waiting request cannot fit in an empty cache")  # guarded by add_request
+                if not self.running:  # add_request guarantees a lone request fits
+                    raise RuntimeError("internal error: a waiting request does not fit in an empty cache")
                 return
             self.waiting.popleft()
             req.blocks = hits
@@ -393,6 +404,8 @@ class Engine:
 
     def _reserve(self, req: _Request, n_positions: int) -> bool:
         """Make sure `req` owns blocks for positions [0, n_positions); preempt others if the cache is full."""
+        if req not in self.running:  # preempted earlier in this step
+            return False
         pool = self.cache.pool
         while len(req.blocks) * self.block_size < n_positions:
             try:
@@ -409,7 +422,8 @@ class Engine:
             self.cache.pool.release(block)
         req.blocks, req.n_computed, req.n_registered, req.parent_key = [], 0, 0, b""
         req.draft = req.draft_probs = None
-        req.prompt_logprobs_sent = True  # not recomputed over the generated tokens
+        if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:
+            req.prompt_logprobs = [None]  # not delivered yet: computed again by the new prefill
         self.running.remove(req)
         self.waiting.appendleft(req)
         self.counters["preemptions"] += 1
