@@ -61,7 +61,7 @@ def successor(t: int, vocab: int) -> int:
 
 
 @functools.cache
-def periodic_model(steps: int = 100) -> Transformer:
+def periodic_model(steps: int = 70) -> Transformer:
     """A nano model trained until its main head and its MTP head both know `successor` (seconds).
 
     With a trained MTP layer, speculative decoding accepts most drafts, so both the accept and the

@@ -178,3 +178,13 @@ def _drain(fd) -> None:
                 return
         except OSError:
             return
+
+
+def test_generate_serves_an_fp8_checkpoint_by_dequantising(tmp_path, capsys):
+    d = tmp_path / "fp8"
+    save_pretrained(nano_model(), d, fp8=True)
+    tiny_tokenizer().save(d)
+    assert main(["generate", "--model", str(d), "--prompt", "Hello", "--raw", "--max-tokens", "6", "--temperature", "0",
+                 "--stats"]) == 0
+    captured = capsys.readouterr()
+    assert "6 generated" in captured.err and captured.out.endswith("\n")
