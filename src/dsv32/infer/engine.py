@@ -160,7 +160,7 @@ class Engine:
         self.speculative = speculative
         self.tokenizer = tokenizer
         self.device = model.embed_tokens.weight.device
-        blocks_per_seq = -(-max_seq_len // block_size)
+        blocks_per_seq = -(-(max_seq_len + (1 if speculative else 0)) // block_size)  # (+1: a draft position)
         if num_blocks is None:
             num_blocks = max_batch * blocks_per_seq + 1
         dtype = cache_dtype or model.embed_tokens.weight.dtype
@@ -204,7 +204,7 @@ class Engine:
                              "(room for at least one generated token is needed)")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need an engine with a tokenizer")
-        longest = min(len(prompt) + params.max_tokens, self.max_seq_len) + 1  # (+1: a speculative draft)
+        longest = min(len(prompt) + params.max_tokens, self.max_seq_len) + (1 if self.speculative else 0)
         blocks_needed = -(-longest // self.block_size)
         if blocks_needed > self.cache.num_blocks - 1:
             raise ValueError(f"the request can grow to {longest} positions, {blocks_needed} cache blocks; the cache "
