@@ -106,10 +106,13 @@ def _run(stage: str):
 
 
 def add_commands(sub) -> None:
-    train = sub.add_parser("train", help="pretraining and SFT")
+    train = sub.add_parser("train", help="pretraining, SFT, GRPO and the R1 recipe")
     stages = train.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for stage, text in (("pretrain", "pretrain a model on a prepared corpus"),
                         ("sft", "supervised fine-tuning on prepared chat data (loss on assistant tokens only)")):
         parser = stages.add_parser(stage, help=text)
         _add_config_flags(parser)
         parser.set_defaults(func=_run(stage))
+    from dsv32.train.grpo_cli import add_train_commands  # grpo, r1 (issue 7)
+
+    add_train_commands(stages)
