@@ -144,11 +144,7 @@ class MLA(nn.Module):
             probs = torch.softmax(scores.masked_fill(~mask[:, None], float("-inf")), dim=-1)
             out = torch.matmul(probs.to(v.dtype), v)
             return out.transpose(1, 2), probs.sum(1)  # target: attention summed over heads [batch, seq, keys]
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.softmax_scale)
-        return out.transpose(1, 2), None
+        return _sdpa(q, k, v, mask, self.softmax_scale).transpose(1, 2), None
 
     def _absorbed(self, q_nope, q_pe, latent, k_pe, allowed, selected, gathered=None):
         """Attention directly over the cached latents; with DSA only the selected entries are read.
@@ -175,6 +171,22 @@ class MLA(nn.Module):
             probs = _masked_softmax(scores * self.softmax_scale, valid[:, :, None, :])
             out_latent = torch.einsum("bshk,bskc->bshc", probs.to(sel_latent.dtype), sel_latent)
         return torch.einsum("bshc,hvc->bshv", out_latent, w_uv)  # [batch, seq, heads, v_dim]
+
+
+def _sdpa(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Attention of q, k [batch, heads, seq|keys, qk_dim] over v [batch, heads, keys, v_dim]; mask None = causal.
+
+    On CPU a v narrower than q/k is zero-padded to their head dim: torch's fused (flash) CPU kernel
+    needs equal head dims and otherwise falls back to the math path, which materialises every score
+    and the causal mask (about 2x slower forward + backward here). The padded output columns are
+    zeros and are sliced off.
+    """
+    v_dim = v.shape[-1]
+    if q.device.type == "cpu" and v_dim < q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - v_dim))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],
+                                         is_causal=mask is None, scale=scale)
+    return out[..., :v_dim]
 
 
 def _masked_softmax(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor, forced_indices: torch.Tensor | None = None) -> Routing:
         """x: [tokens, hidden]. `forced_indices` replays a recorded routing (RL "keep routing")."""
-        logits = F.linear(x.float(), self.weight.float())  # routing in fp32, as the release does
+        with torch.autocast(x.device.type, enabled=False):  # routing in fp32, as the release does, also under autocast
+            logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         indices = forced_indices if forced_indices is not None else self._select(scores)
         weights = scores.gather(1, indices)
@@ -76,6 +77,29 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+class _GatherRows(torch.autograd.Function):
+    """out = x[index] where every row of x is taken exactly `fan_out` times (a permutation for 1).
+
+    `inverse[j]` is the output row holding the j-th copy (copies of row r are j = r*fan_out ...
+    r*fan_out + fan_out-1), so the backward is a gather and a sum over each row's copies: no
+    scatter-add of `x[index]`'s own backward, which runs serially on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, x, index, inverse, fan_out: int):
+        ctx.save_for_backward(inverse)
+        ctx.fan_out = fan_out
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        grad = grad.index_select(0, inverse)
+        if ctx.fan_out > 1:
+            grad = grad.view(-1, ctx.fan_out, grad.shape[-1]).sum(1)
+        return grad, None, None, None
+
+
 def _grouped_matmul(x: torch.Tensor, weight_t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Row block g of x (rows offsets[g-1]:offsets[g]) times weight_t[g]; x [rows, in], weight_t [G, in, out]."""
     if hasattr(torch, "_grouped_mm") and x.dtype == weight_t.dtype:
@@ -86,6 +110,15 @@ def _grouped_matmul(x: torch.Tensor, weight_t: torch.Tensor, offsets: torch.Tens
     sizes = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
     pieces = [chunk @ weight_t[g] for g, chunk in enumerate(x.split(sizes)) if chunk.shape[0]]
     return torch.cat(pieces) if pieces else x.new_zeros(0, weight_t.shape[-1])
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """What a linear layer computes in here: the autocast dtype inside autocast (grouped_mm is not on
+    autocast's list, so without this the experts would stay fp32 under bf16 autocast), else x's."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.is_floating_point():
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 class Experts(nn.Module):
@@ -99,21 +132,23 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Grouped: sort token copies by expert, three grouped matmuls, weighted scatter-add back."""
+        """Grouped: sort token copies by expert, three grouped matmuls, weighted sum back per token."""
         tokens, top_k = routing.indices.shape
-        flat_expert = routing.indices.flatten()                        # [tokens * top_k]
-        order = torch.argsort(flat_expert, stable=True)
-        token_of = order // top_k                                      # source token of each sorted copy
+        flat_expert = routing.indices.flatten()                        # [tokens * top_k], copy j = token j // top_k
+        order = torch.argsort(flat_expert, stable=True)                # sorted row i holds copy order[i]
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)  # copy j sits in sorted row inverse[j]
         counts = torch.bincount(flat_expert, minlength=self.n_experts)
         offsets = torch.cumsum(counts, 0).to(torch.int32)
-        xs = x[token_of]                                               # [tokens * top_k, hidden]
-        h = F.silu(_grouped_matmul(xs, self.gate_proj.transpose(1, 2), offsets))
-        h = h * _grouped_matmul(xs, self.up_proj.transpose(1, 2), offsets)
-        out = _grouped_matmul(h, self.down_proj.transpose(1, 2), offsets)
+        dtype = _compute_dtype(x)
+        gate, up, down = (w.to(dtype).transpose(1, 2) for w in (self.gate_proj, self.up_proj, self.down_proj))
+        xs = _GatherRows.apply(x.to(dtype), order // top_k, inverse, top_k)   # [tokens * top_k, hidden]
+        h = F.silu(_grouped_matmul(xs, gate, offsets)) * _grouped_matmul(xs, up, offsets)
+        out = _grouped_matmul(h, down, offsets)
         out = out * routing.weights.flatten()[order, None].to(out.dtype)
+        out = _GatherRows.apply(out, inverse, order, 1).view(tokens, top_k, -1)  # back in token order
         # accumulate the top-k contributions in fp32, as the official code does
-        y = torch.zeros(tokens, x.shape[-1], dtype=torch.float32, device=x.device)
-        return y.index_add_(0, token_of, out.float()).to(x.dtype)
+        return out.sum(1, dtype=torch.float32).to(x.dtype)
 
     def forward_loop(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Reference: a plain loop over experts (tests only; not for hot paths)."""

@@ -64,7 +64,20 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [batch, seq, heads, rope_dim] with pairs (x0, x1), (x2, x3)...; cos/sin: [batch, seq, rope_dim/2]."""
+    """x: [batch, seq, heads, rope_dim] with pairs (x0, x1), (x2, x3)...; cos/sin: [batch, seq, rope_dim/2].
+
+    Each pair is one complex number x0 + i x1 multiplied by cos + i sin (as the official code does):
+    one kernel forward and backward instead of the six of `apply_rope_interleaved_reference`.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))
+    if pairs.storage_offset() % 2 or any(stride % 2 for stride in pairs.stride()[:-2]) or pairs.stride(-1) != 1:
+        pairs = pairs.contiguous()  # view_as_complex needs whole complex numbers in memory
+    rotated = torch.view_as_complex(pairs) * torch.complex(cos, sin).unsqueeze(-2)
+    return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
+
+
+def apply_rope_interleaved_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotation written out pair by pair (the reference `apply_rope_interleaved` is tested against)."""
     pairs = x.float().unflatten(-1, (-1, 2))
     x1, x2 = pairs[..., 0], pairs[..., 1]
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)

@@ -14,6 +14,7 @@ from torch import nn
 from dsv32.config import ModelConfig
 from dsv32.model.cache import LatentCache
 from dsv32.model.layers import MLP, RMSNorm
+from dsv32.model.loss import linear_cross_entropy
 from dsv32.model.mla import MLA, AttentionContext
 from dsv32.model.moe import MoE
 from dsv32.model.rope import RotaryEmbedding
@@ -24,13 +25,14 @@ ABSORB_MAX_QUERY_TOKENS = 128
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor                                   # [batch, seq, vocab] (or the kept tail)
+    logits: torch.Tensor | None                            # [batch, seq, vocab] (or the kept tail); None with labels
     aux_loss: torch.Tensor | None = None                   # sequence-wise balance loss, summed over layers
     mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: [batch, seq-1-k, vocab], predicts t+2+k
     expert_counts: torch.Tensor | None = None              # [n_moe_layers (+ MTP), n_experts] tokens per expert
     expert_indices: list[torch.Tensor] = field(default_factory=list)  # per MoE layer [batch, seq, top_k]
     indexer_loss: torch.Tensor | None = None               # mean KL of the DSA indexers, when asked
     hidden_states: torch.Tensor | None = None              # final-normed hidden [batch, seq, hidden]
+    loss_sum: torch.Tensor | None = None                   # with labels: summed cross-entropy of the main head (fp32)
 
 
 class Block(nn.Module):
@@ -140,6 +142,7 @@ class Transformer(nn.Module):
         attn_impl: str | None = None,
         logits_to_keep: int = 0,
         forced_routing: list[torch.Tensor] | None = None,
+        labels: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Causal forward over input_ids [batch, seq].
 
@@ -150,6 +153,8 @@ class Transformer(nn.Module):
         "sparse" (top-k attention, KL over the selected keys). attn_impl: "expanded" | "absorbed"
         (default: absorbed for short query blocks over a cache). logits_to_keep: >0 keeps only the last
         positions' logits. forced_routing: per MoE layer expert indices [batch, seq, top_k] to replay.
+        labels: [batch, seq] targets of the main head (-100: none); then `loss_sum` is their summed
+        cross-entropy, computed chunk by chunk without materialising the logits (`logits` is None).
         """
         cfg = self.config
         self._check_ids(input_ids)
@@ -196,18 +201,25 @@ class Transformer(nn.Module):
                 mtp.self_attn.last_indexer_loss = None
                 mtp_logits.append(self.lm_head(mtp.shared_head.norm(h_prev)))
 
-        kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+            logits, loss_sum = None, linear_cross_entropy(hidden, self.lm_head.weight, labels)
+        else:
+            kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+            logits, loss_sum = self.lm_head(kept), None
         stats = [s for s in moe_stats if s is not None]
         aux = [s.aux_loss for s in stats if s.aux_loss is not None]
         losses = [l for l in idx_losses if l is not None]
         return ModelOutput(
-            logits=self.lm_head(kept),
+            logits=logits,
             aux_loss=torch.stack(aux).sum() if aux else None,
             mtp_logits=mtp_logits,
             expert_counts=torch.stack([s.counts for s in stats]) if stats else None,
             expert_indices=[s.indices for s in stats],
             indexer_loss=torch.stack(losses).mean() if losses else None,
             hidden_states=hidden,
+            loss_sum=loss_sum,
         )
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:

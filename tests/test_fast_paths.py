@@ -1,0 +1,134 @@
+"""The training fast paths equal their plain references (fp32 exactly or to rounding; bf16 autocast to bf16 rounding)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsv32 import ModelConfig, Transformer
+from dsv32.model.layers import RMSNorm
+from dsv32.model.loss import linear_cross_entropy, linear_cross_entropy_reference
+from dsv32.model.mla import _sdpa
+from dsv32.model.moe import MoE
+from dsv32.model.rope import apply_rope_interleaved, apply_rope_interleaved_reference
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def grads(fn, *inputs):
+    inputs = [x.detach().clone().requires_grad_() for x in inputs]
+    out = fn(*inputs)
+    weight = torch.randn(out.shape, generator=gen(99)).to(out.dtype)
+    (out * weight).float().sum().backward()
+    return out.detach(), [x.grad for x in inputs]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_fused_equals_reference(dtype):
+    norm = RMSNorm(48)
+    torch.nn.init.normal_(norm.weight, generator=gen(0))
+    x = (torch.randn(3, 7, 48, generator=gen(1)) * 4).to(dtype)
+    out, (gx,) = grads(norm, x)
+    ref, (rx,) = grads(norm.forward_reference, x)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_complex_equals_reference_on_views():
+    cos, sin = torch.randn(2, 5, 8, generator=gen(0)), torch.randn(2, 5, 8, generator=gen(1))
+    q = torch.randn(2, 5, 3, 40, generator=gen(2))
+    # a slice at an even offset (a view the complex path reads in place), an odd one (copied), bf16
+    for x in (q[..., 24:], q[..., 3:19], q[..., 24:].to(torch.bfloat16)):
+        out, (gx,) = grads(lambda t: apply_rope_interleaved(t, cos, sin), x)
+        ref, (rx,) = grads(lambda t: apply_rope_interleaved_reference(t, cos, sin), x)
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(gx, rx, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_padded_sdpa_equals_math(masked):
+    q, k = (torch.randn(2, 3, 10, 24, generator=gen(s)) for s in (0, 1))
+    v = torch.randn(2, 3, 10, 16, generator=gen(2))
+    mask = None
+    if masked:  # two packed documents
+        doc = torch.tensor([0] * 4 + [1] * 6)
+        mask = (torch.ones(10, 10, dtype=torch.bool).tril() & (doc[:, None] == doc[None]))[None].expand(2, -1, -1)
+    out, g = grads(lambda a, b, c: _sdpa(a, b, c, mask, 0.3), q, k, v)
+    causal = torch.ones(10, 10, dtype=torch.bool).tril()[None].expand(2, -1, -1)
+    ref_mask = (mask if masked else causal)[:, None]
+
+    def math(a, b, c):
+        scores = (a @ b.transpose(-1, -2) * 0.3).masked_fill(~ref_mask, float("-inf"))
+        return scores.softmax(-1) @ c
+
+    ref, rg = grads(math, q, k, v)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g, rg):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_linear_cross_entropy_equals_reference(autocast):
+    hidden = torch.randn(2, 37, 32, generator=gen(0))
+    weight = torch.randn(300, 32, generator=gen(1)) * 0.2
+    labels = torch.randint(0, 300, (2, 37), generator=gen(2))
+    labels[0, ::5] = -100
+    results = []
+    for fn in (linear_cross_entropy, linear_cross_entropy_reference):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            kwargs = {"chunk_rows": 16} if fn is linear_cross_entropy else {}
+            loss = fn(h, w, labels, **kwargs)
+        (0.7 * loss).backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    (loss, gh, gw), (ref, rh, rw) = results
+    assert loss.dtype == torch.float32 and gh.dtype == gw.dtype == torch.float32
+    if not autocast:
+        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
+        torch.testing.assert_close(gh, rh, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-6)
+    else:  # bf16 logits: chunked and whole matmuls may round a few logits differently
+        torch.testing.assert_close(loss, ref, rtol=1e-4, atol=0)
+        for a, b in ((gh, rh), (gw, rw)):
+            assert float((a - b).norm() / b.norm()) < 1e-2  # bf16 keeps 8 bits: ~4e-3 per rounding
+
+
+def test_model_loss_sum_equals_cross_entropy_of_logits():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("nano"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=gen(3))
+    labels = torch.cat((ids[:, 1:], torch.full_like(ids[:, :1], -100)), dim=1)
+    out = model(ids, labels=labels)
+    assert out.logits is None
+    ref = F.cross_entropy(model(ids).logits.flatten(0, 1), labels.flatten(), reduction="sum")
+    torch.testing.assert_close(out.loss_sum, ref, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="labels must have the shape"):
+        model(ids, labels=labels[:, 1:])
+
+
+def test_grouped_experts_in_bf16_autocast_match_the_loop_reference():
+    """Under autocast the grouped path runs in bf16 like the loop reference (whose matmuls autocast)."""
+    cfg = ModelConfig.preset("nano")
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 40, cfg.hidden_size, generator=gen(1))
+
+    def run(reference: bool, autocast: bool):
+        moe.use_loop_reference = reference
+        moe.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y, _ = moe(xi)
+        (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        return [y.detach().float(), xi.grad] + [p.grad.clone() for p in moe.parameters()]
+
+    exact = run(False, False)
+    for a, b in zip(exact, run(True, False)):  # fp32: the grouped path equals the loop
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for reference in (False, True):  # bf16: both within bf16 rounding of the fp32 result
+        for a, b in zip(run(reference, True), exact):
+            assert float((a - b).norm() / b.norm()) < 2e-2
