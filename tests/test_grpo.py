@@ -23,6 +23,17 @@ from dsv32.train.grpo_objective import token_logprobs
 ONE_DIGIT = {"min_digits": 1, "max_digits": 1}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The nano model's matmuls are tiny: one thread is as fast on an idle machine, and on a loaded one
+    OpenMP's second thread spin-waits (measured here at load 3 on 2 cores: 37 s with one thread, 9 min
+    with two). Restored afterwards for the other test modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A tokenizer trained on arithmetic text and a random 2-layer nano checkpoint that carries it."""
@@ -93,13 +104,19 @@ def test_length_reward_and_weighted_sum_by_hand(tmp_path):
     assert all(math.isnan(v) for v in per_fn["tool_call"])  # None (no tools): not applicable, counts 0
     assert totals == [0.0, -0.25, -0.5]
     user = tmp_path / "my_rewards.py"
-    user.write_text("def short(prompts, completions, completion_ids, **kwargs):\n"
+    user.write_text("def short(completions, completion_ids, **kwargs):  # TRL style: no prompts parameter\n"
                     "    return [1.0 if len(i) < 7 else 0.0 for i in completion_ids]\n"
-                    "def broken(prompts, completions, **kwargs):\n    return [1.0]\n")
+                    "def broken(prompts, completions, **kwargs):\n    return [1.0]\n"
+                    "def no_kwargs(prompts, completions):\n    return [0.0]\n")
+    fns = build_rewards([f"{user}:short"], thinking=True, max_completion_length=10, overlong_buffer=4)
+    totals, per_fn = compute_rewards(fns, [2.0], [[]] * 3, [[{"content": ""}]] * 3, completion_ids=ids)
+    assert totals == [2.0, 0.0, 0.0]
     fns = build_rewards([f"{user}:short", f"{user}:broken"], thinking=True, max_completion_length=10, overlong_buffer=4)
     assert [n for n, _ in fns] == ["short", "broken"]
     with pytest.raises(ValueError, match="broken.*expected a list of 3"):
         compute_rewards(fns, [1.0, 1.0], [[]] * 3, [[{"content": ""}]] * 3, completion_ids=ids)
+    with pytest.raises(ValueError, match="must be \\(prompts, completions, \\*\\*kwargs\\)"):
+        build_rewards([f"{user}:no_kwargs"], thinking=True, max_completion_length=10, overlong_buffer=4)
     with pytest.raises(ValueError, match="no function 'missing'"):
         build_rewards([f"{user}:missing"], thinking=True, max_completion_length=10, overlong_buffer=4)
 
@@ -196,7 +213,7 @@ def test_beta_zero_loads_no_reference(workspace, tmp_path):
                                       rewards=[f"{workspace / 'dense.py'}:even"]))
     assert trainer.ref_model is not None and not any(p.requires_grad for p in trainer.ref_model.parameters())
     record = trainer.train_step()
-    assert record["kl"] >= 0 and math.isfinite(record["kl"])
+    assert record["kl"] >= 0 and math.isfinite(record["kl"]) and record["policy_kl"] > 0
     assert trainer.scheduler.last_epoch == 2  # two optimizer updates on one rollout batch
     assert record["ratio/max"] != 1.0 or record["ratio/min"] != 1.0  # the second update is off-policy
     ref = dict(trainer.ref_model.named_parameters())
@@ -212,7 +229,7 @@ def test_run_directory_metrics_plots_and_export(workspace, tmp_path):
     last = records[-1]
     for key in ("reward", "reward_std", "rewards/accuracy/mean", "rewards/format/std", "rewards/length/mean",
                 "frac_reward_zero_std", "completions/mean_length", "completions/min_length", "completions/max_length",
-                "completions/clipped_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean", "kl", "entropy",
+                "completions/clipped_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean", "policy_kl", "entropy",
                 "sampling/logp_diff_mean", "sampling/logp_diff_max", "tokens_per_s", "rollout_tokens_per_s",
                 "off_policy_masked_frac", "grad_norm", "learning_rate", "loss"):
         assert key in last, key

@@ -93,7 +93,7 @@ class GRPOConfig:
     grad_clip: float = 1.0
     device: str = "auto"
     log_completions: int = 2                # completions per step written to completions.jsonl
-    log_policy_shift: bool = True           # beta=0: one more forward per step to log KL(pi_old || pi_new)
+    log_policy_shift: bool = True           # one more forward per step to log policy_kl = KL(pi_old || pi_new)
     ckpt_every: int = 10
     keep_last: int = 2
     plot: bool = True
@@ -391,10 +391,10 @@ class GRPOTrainer:
             "grad_norm": grad_norm, "learning_rate": lr, "num_tokens": sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts),
         })
         if cfg.beta > 0:
-            record["kl"] = sums["kl"] / tokens
-        elif cfg.log_policy_shift:
-            # no reference: report how far this step's updates moved the policy, KL(pi_old || pi_new) by k3
-            record["kl"] = self._policy_shift(micro, old)
+            record["kl"] = sums["kl"] / tokens  # to the frozen reference, as in the loss
+        if cfg.log_policy_shift:
+            # how far this step's updates moved the policy: KL(pi_old || pi_new) by k3 on the batch
+            record["policy_kl"] = self._policy_shift(micro, old)
         if cfg.off_policy_delta is not None:
             record["off_policy_masked_frac"] = sums["masked_seqs"] / (iters * len(rollouts))
         # sampling (engine) vs training (teacher-forced, rollout weights) log-probs of the same tokens
@@ -558,10 +558,12 @@ def plot_grpo(run_dir: str | os.PathLike) -> list[Path]:
     written.append(_save(fig, run_dir / "rewards.png"))
     plt.close(fig)
 
-    panels = [("kl", "KL"), ("entropy", "entropy"), ("clip_ratio/low_mean", "clip low"), ("clip_ratio/high_mean", "clip high"),
+    panels = [("kl", "KL to reference (beta > 0)"), ("policy_kl", "KL(pi_old || pi_new) per step"), ("entropy", "entropy"),
+              ("clip_ratio/low_mean", "clip low"), ("clip_ratio/high_mean", "clip high"),
               ("completions/mean_length", "mean completion length"), ("frac_reward_zero_std", "zero-std groups"),
-              ("sampling/logp_diff_max", "|engine - trainer| log-prob (max)"), ("tokens_per_s", "train tokens/s")]
-    fig, axes = plt.subplots(2, 4, figsize=(14, 6))
+              ("sampling/logp_diff_max", "|engine - trainer| log-prob (max)"), ("tokens_per_s", "train tokens/s"),
+              ("grad_norm", "grad norm")]
+    fig, axes = plt.subplots(2, 5, figsize=(17, 6))
     for ax, (key, title) in zip(axes.flat, panels):
         ax.plot(steps, [r.get(key, math.nan) for r in train])
         ax.set_title(title, fontsize=9)

@@ -70,7 +70,7 @@ def _run_grpo(args: argparse.Namespace) -> int:
     cfg = grpo_config_from_args(args)
     trainer = GRPOTrainer(cfg)
     last = trainer.run(resume=args.resume)
-    shown = {k: round(v, 4) for k, v in last.items() if k in ("reward", "val_accuracy", "kl", "entropy")}
+    shown = {k: round(v, 4) for k, v in last.items() if k in ("reward", "val_accuracy", "kl", "policy_kl", "entropy")}
     print(f"grpo: step {trainer.step}/{cfg.steps} {shown}; run directory {cfg.out}")
     return 0
 

@@ -1,10 +1,11 @@
 """Verifiable rewards for GRPO, in TRL's reward-function signature.
 
-Every reward function is called once per rollout batch as
+Every reward function is called once per rollout batch, with keyword arguments as TRL calls them:
 
-    reward(prompts, completions, **kwargs) -> list[float | None]
+    reward(prompts=..., completions=..., completion_ids=..., ..., **dataset_columns) -> list[float | None]
 
-with, per completion (lists aligned with `completions`):
+so `def reward(prompts, completions, **kwargs)` and `def reward(completions, **kwargs)` both work. Per
+completion (lists aligned with `completions`):
   prompts          the prompt messages (a list of OpenAI-style dicts), as TRL passes conversational prompts
   completions      [{"role": "assistant", "content", "reasoning_content", "tool_calls"}] (TRL's
                    conversational form; `content` is the answer part, reasoning is separate)
@@ -246,9 +247,10 @@ def load_reward(spec: str) -> RewardFn:
     if not callable(fn):
         raise ValueError(f"reward {spec!r}: {target} has no function {name!r}")
     params = inspect.signature(fn).parameters
-    if len([p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) < 2 and not any(
-            p.kind == p.VAR_POSITIONAL for p in params.values()):
-        raise ValueError(f"reward {spec!r}: the signature must be (prompts, completions, **kwargs)")
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    if "completions" not in params or not takes_any:
+        raise ValueError(f"reward {spec!r}: the signature must be (prompts, completions, **kwargs) "
+                         "(it is called with keyword arguments, as TRL calls reward functions)")
     return fn
 
 
@@ -286,7 +288,7 @@ def compute_rewards(functions: list[tuple[str, RewardFn]], weights: list[float],
     n = len(completions)
     per_fn: dict[str, list[float]] = {}
     for name, fn in functions:
-        values = fn(prompts, completions, **kwargs)
+        values = fn(prompts=prompts, completions=completions, **kwargs)  # by keyword, as TRL calls them
         if not isinstance(values, (list, tuple)) or len(values) != n:
             raise ValueError(f"reward {name!r} returned {type(values).__name__} of length "
                              f"{len(values) if hasattr(values, '__len__') else '?'}; expected a list of {n} floats")
