@@ -15,7 +15,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # one fused kernel (forward and backward) instead of six elementwise passes; the same formula,
+        # torch's fused forward kernel instead of six elementwise passes (the backward is composite); the formula,
         # x * rsqrt(mean(x^2) + eps) * weight, in fp32 (`forward_reference` spells it out)
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 

@@ -1,16 +1,16 @@
-"""Cross-entropy of the output head without materialising the [tokens, vocab] logits.
+"""Cross-entropy of the output head with the fewest passes over the [tokens, vocab] logits.
 
 `linear_cross_entropy(hidden, weight, labels)` equals
 `F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=-100, reduction="sum")`
-(`linear_cross_entropy_reference`), but walks the tokens in chunks: each chunk's logits are made,
-turned into the loss and into their gradient (softmax - one-hot) while still in cache, and only
-the gradient is kept, in the matmul dtype. The weight and hidden gradients are then two large
-matmuls in the backward. The plain path writes and re-reads the fp32 logits five or six times
-(logits, log-softmax, the NLL gradient, the log-softmax gradient, the casts); with a 32K vocabulary
-that is ~0.25 GB per pass for 2K tokens.
+(`linear_cross_entropy_reference`). The logits come from one large matmul (chunked matmuls re-read
+the whole head weight per chunk, which costs more than it saves); then, chunk by chunk while the
+chunk is in cache, the loss is taken and the logits are overwritten by their own gradient
+(softmax - one-hot), in the matmul dtype. The backward is the two matmuls of the head, scaled on
+their small outputs. The plain path instead makes about nine passes over the logits (fp32 copy,
+log-softmax, NLL gradient fill, log-softmax backward, casts) and keeps three such buffers alive.
 
-Under autocast the matmuls run in the autocast dtype and the softmax in fp32, with the same
-rounding points as the plain path under autocast (bf16 logits, fp32 loss, bf16 logit gradients).
+Under autocast the matmuls run in the autocast dtype and the softmax in fp32, with the rounding
+points of the plain path under autocast (bf16 logits, fp32 loss, gradient rounded once to bf16).
 """
 from __future__ import annotations
 
@@ -31,27 +31,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dtype = _matmul_dtype(hidden)
         h, w = hidden.to(dtype), weight.to(dtype)
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad_logits = torch.empty(h.shape[0], w.shape[0], dtype=dtype, device=h.device) if needs_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         with torch.autocast(h.device.type, enabled=False):
+            logits = h @ w.T    # [tokens, vocab]: one large matmul; this buffer then becomes the logits' gradient
             for start in range(0, h.shape[0], chunk_rows):
                 rows = slice(start, start + chunk_rows)
-                if needs_grad and dtype == torch.float32:
-                    logits = torch.mm(h[rows], w.T, out=grad_logits[rows])    # [chunk, vocab], becomes its gradient
-                else:
-                    logits = (h[rows] @ w.T).float()
                 target = labels[rows]
                 valid = (target != ignore_index)[:, None]
                 target = target.masked_fill(~valid[:, 0], 0)[:, None]
-                log_probs = torch.log_softmax(logits, dim=-1)
-                total -= (log_probs.gather(1, target) * valid).sum()
+                log_probs = torch.log_softmax(logits[rows], dim=-1, dtype=torch.float32)
+                picked = log_probs.gather(1, target)                            # log p(target)
+                total -= (picked * valid).sum()
                 if needs_grad:
-                    probs = torch.exp(log_probs, out=logits)                   # softmax, into the logits' memory
-                    probs.scatter_add_(1, target, -valid.to(probs.dtype))      # minus the one-hot target
+                    # d loss / d logits = softmax - one-hot, rounded once to the matmul dtype
+                    grad = torch.exp(log_probs, out=logits[rows])
+                    grad.scatter_(1, target, (picked.exp() - 1).to(dtype))
                     if not bool(valid.all()):
-                        probs.mul_(valid)                                      # ignored tokens: no gradient
-                    if probs.data_ptr() != grad_logits[rows].data_ptr():
-                        grad_logits[rows] = probs
+                        grad.mul_(valid)                                        # ignored tokens: no gradient
+        grad_logits = logits if needs_grad else None
         ctx.save_for_backward(grad_logits, h, w)
         ctx.dtypes = hidden.dtype, weight.dtype
         return total
@@ -73,7 +70,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """Summed cross-entropy (fp32 scalar) of the logits `hidden @ weight.T` against `labels`.
 
     hidden: [..., dim]; weight: [vocab, dim]; labels: [...] (ignore_index = no target). chunk_rows:
-    tokens per chunk (default: about 4M logits, 16 MB in fp32, which stays in a large L2/L3).
+    tokens per softmax chunk (default: about 4M logits, 16 MB in fp32, which stays in a large L2/L3).
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
