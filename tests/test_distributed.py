@@ -53,10 +53,12 @@ def _worker(rank: int, world: int, port: int, fn, args) -> None:
     warnings.simplefilter("ignore")
     info = du.init_distributed("cpu")
     assert (info.rank, info.world_size, info.is_main) == (rank, world, rank == 0)
+    ok = False
     try:
         fn(info, *args)
+        ok = True
     finally:
-        du.destroy()
+        du.destroy(sync=ok)
 
 
 def spawn(fn, *args, world: int = WORLD) -> None:

@@ -5,9 +5,10 @@ added for *selection only*; experts are chosen inside the `topk_group` best grou
 is the sum of its two best biased affinities; other groups are masked with -inf); the chosen
 experts' unbiased affinities are normalised and scaled by `routed_scaling_factor`.
 
-Routed experts are stacked weights [experts, ...] and computed grouped: token copies are sorted by
-expert and one grouped matmul per projection does all experts at once. `Experts.forward_loop` is
-the plain reference the grouped path is tested against.
+Routed experts are stacked weights [experts, ...] and computed all at once: token copies are sorted
+by expert, then either laid out in a zero-padded [experts, capacity, hidden] block for batched
+matmuls (CPU, when padding adds at most half) or fed to grouped matmuls. Gate and up projections
+run as one matmul. `Experts.forward_loop` is the plain reference both are tested against.
 """
 from __future__ import annotations
 
@@ -78,18 +79,20 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 class _GatherRows(torch.autograd.Function):
-    """out = x[index] where every row of x is taken exactly `fan_out` times (a permutation for 1).
+    """out = x[index], where every row of x is taken exactly `fan_out` times (a permutation for 1).
 
     `inverse[j]` is the output row holding the j-th copy (copies of row r are j = r*fan_out ...
     r*fan_out + fan_out-1), so the backward is a gather and a sum over each row's copies: no
-    scatter-add of `x[index]`'s own backward, which runs serially on CPU.
+    scatter-add of `x[index]`'s own backward, which runs serially on CPU. Output rows that are no
+    one's copy (padding) are listed in `zero_rows` and set to zero; their gradient is ignored.
     """
 
     @staticmethod
-    def forward(ctx, x, index, inverse, fan_out: int):
+    def forward(ctx, x, index, inverse, fan_out: int, zero_rows=None):
         ctx.save_for_backward(inverse)
         ctx.fan_out = fan_out
-        return x.index_select(0, index)
+        out = x.index_select(0, index)
+        return out if zero_rows is None else out.index_fill_(0, zero_rows, 0)
 
     @staticmethod
     def backward(ctx, grad):
@@ -97,7 +100,7 @@ class _GatherRows(torch.autograd.Function):
         grad = grad.index_select(0, inverse)
         if ctx.fan_out > 1:
             grad = grad.view(-1, ctx.fan_out, grad.shape[-1]).sum(1)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def _grouped_matmul(x: torch.Tensor, weight_t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -121,6 +124,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+# on CPU, `_grouped_mm` is one matmul per expert (48 per MoE layer forward and backward with gate+up
+# fused), and each is a parallel region: on a shared 2-core box every region waits for both threads
+# to be scheduled, which made it 4-5x slower than one batched matmul over a padded block. Padding
+# costs its share of extra FLOPs, so it is used while the block is at most this much over-full.
+MAX_PADDING = 1.5
+
+
 class Experts(nn.Module):
     """`n_experts` SwiGLU experts held as stacked weights."""
 
@@ -132,23 +142,58 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Grouped: sort token copies by expert, three grouped matmuls, weighted sum back per token."""
+        """All experts at once on the token copies sorted by expert, then a weighted sum per token."""
         tokens, top_k = routing.indices.shape
-        flat_expert = routing.indices.flatten()                        # [tokens * top_k], copy j = token j // top_k
-        order = torch.argsort(flat_expert, stable=True)                # sorted row i holds copy order[i]
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)  # copy j sits in sorted row inverse[j]
+        flat_expert = routing.indices.flatten()              # [tokens * top_k]; copy j is of token j // top_k
+        order = torch.argsort(flat_expert, stable=True)      # sorted row i holds copy order[i]
         counts = torch.bincount(flat_expert, minlength=self.n_experts)
-        offsets = torch.cumsum(counts, 0).to(torch.int32)
         dtype = _compute_dtype(x)
-        gate, up, down = (w.to(dtype).transpose(1, 2) for w in (self.gate_proj, self.up_proj, self.down_proj))
-        xs = _GatherRows.apply(x.to(dtype), order // top_k, inverse, top_k)   # [tokens * top_k, hidden]
-        h = F.silu(_grouped_matmul(xs, gate, offsets)) * _grouped_matmul(xs, up, offsets)
-        out = _grouped_matmul(h, down, offsets)
-        out = out * routing.weights.flatten()[order, None].to(out.dtype)
-        out = _GatherRows.apply(out, inverse, order, 1).view(tokens, top_k, -1)  # back in token order
+        gate_up = torch.cat((self.gate_proj, self.up_proj), dim=1).to(dtype)   # [experts, 2 * inter, dim]
+        down = self.down_proj.to(dtype)
+        capacity = int(counts.max())
+        if x.device.type == "cpu" and capacity * self.n_experts <= MAX_PADDING * flat_expert.numel():
+            out = self._padded(x.to(dtype), order, counts, capacity, gate_up, down, top_k)
+        else:
+            out = self._grouped(x.to(dtype), order, counts, gate_up, down, top_k)
+        out = out * routing.weights.flatten()[:, None].to(out.dtype)   # [tokens * top_k, hidden], copy order
         # accumulate the top-k contributions in fp32, as the official code does
-        return out.sum(1, dtype=torch.float32).to(x.dtype)
+        return out.view(tokens, top_k, -1).sum(1, dtype=torch.float32).to(x.dtype)
+
+    @staticmethod
+    def _swiglu(h: torch.Tensor) -> torch.Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def _grouped(self, x, order, counts, gate_up, down, top_k):
+        """Grouped matmuls over the sorted copies; returns [copies, hidden] in copy order."""
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)   # copy j sits in sorted row inverse[j]
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        xs = _GatherRows.apply(x, order // top_k, inverse, top_k)          # [copies, hidden], sorted
+        h = self._swiglu(_grouped_matmul(xs, gate_up.transpose(1, 2), offsets))
+        out = _grouped_matmul(h, down.transpose(1, 2), offsets)
+        return _GatherRows.apply(out, inverse, order, 1)
+
+    def _padded(self, x, order, counts, capacity, gate_up, down, top_k):
+        """Batched matmuls over a [experts, capacity, hidden] block, expert e's copies in rows [0, counts[e]).
+
+        Padding rows are zero, so whatever gradient reaches them meets zero activations and adds
+        nothing to the weight gradients.
+        """
+        n_slots, device = self.n_experts * capacity, order.device
+        expert = torch.repeat_interleave(torch.arange(self.n_experts, device=device), counts)   # of sorted row i
+        starts = torch.cumsum(counts, 0) - counts
+        slot = expert * capacity + torch.arange(order.numel(), device=device) - starts[expert]  # block row of sorted row i
+        slot_of_copy = torch.empty_like(slot)
+        slot_of_copy[order] = slot
+        copy_in_slot = torch.zeros(n_slots, dtype=order.dtype, device=device)  # padding: copy 0's (ignored) gradient
+        copy_in_slot[slot] = order
+        filled = torch.zeros(n_slots, dtype=torch.bool, device=device)
+        filled[slot] = True
+        xp = _GatherRows.apply(x, copy_in_slot // top_k, slot_of_copy, top_k, (~filled).nonzero().flatten())
+        h = self._swiglu(torch.bmm(xp.view(self.n_experts, capacity, -1), gate_up.transpose(1, 2)))
+        out = torch.bmm(h, down.transpose(1, 2)).flatten(0, 1)                  # [experts * capacity, hidden]
+        return _GatherRows.apply(out, slot_of_copy, copy_in_slot, 1)
 
     def forward_loop(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Reference: a plain loop over experts (tests only; not for hot paths)."""

@@ -95,8 +95,15 @@ def _run(stage: str):
             raise ValueError("sft starts from a pretrained checkpoint: give --init DIR")
         if stage == "sft" and not cfg.data:
             cfg = dataclasses.replace(cfg, data=default_sft_data(cfg))
+        from dsv32.train import distributed as dist_utils
+
         trainer = Trainer(cfg)
-        last = trainer.run(resume=args.resume)
+        try:
+            last = trainer.run(resume=args.resume)
+        except BaseException:
+            dist_utils.destroy(sync=False)
+            raise
+        dist_utils.destroy()
         if trainer.is_main and last:
             shown = {k: round(v, 4) for k, v in last.items() if k in ("loss", "val_loss", "val_bpb") and v is not None}
             print(f"{stage}: step {trainer.step}/{cfg.steps} {shown}; run directory {cfg.out}")

@@ -82,9 +82,19 @@ def init_distributed(device: str | None = None, timeout_s: float = 600.0) -> Dis
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev, is_main=rank == 0)
 
 
-def destroy() -> None:
+def destroy(sync: bool = True) -> None:
+    """Tear the process groups down; `sync` first waits for every rank (use it on the success path).
+
+    Leaving a gloo group alive to interpreter exit can abort the process (SIGABRT from a worker
+    thread still holding tensors), and destroying it while a peer is still mid-collective can fail
+    that peer: so the ranks leave together, then destroy explicitly.
+    """
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if sync:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def world_size() -> int:

@@ -70,7 +70,7 @@ class GRPOConfig:
     min_p: float = 0.0
     rewards: list = field(default_factory=list)         # built-ins or module:function; default per task
     reward_weights: list = field(default_factory=list)  # default: accuracy 1, format 0.2, tool_call 0.2, length 0.5
-    overlong_buffer: int = 0                # the length reward's ramp (default: a quarter of max_completion_length)
+    overlong_buffer: int = 0                # length-reward ramp width (0: max/4); start it above the longest right answer
     scale_rewards: str = "group"            # group | batch | none
     loss_type: str = "dapo"                 # grpo | dr_grpo | dapo
     epsilon: float = 0.2

@@ -37,24 +37,44 @@ def _json_object(text: str):
 LIST_KINDS = {"rewards": str, "reward_weights": float}
 
 
+def _field_comments(cls) -> dict[str, str]:
+    """The `# comment` after each field in the class source: the flags' help texts."""
+    import inspect
+    import re
+
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2).strip()
+    return comments
+
+
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
     from dsv32.train.cli import _flag_type
 
+    comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = comments.get(f.name, "")
+        text = f"{text} (default: {default!r})" if text else f"default: {default!r}"
+        text = text.replace("%", "%%")
         if f.name in LIST_KINDS:
-            parser.add_argument(flag, dest=f.name, type=_csv(LIST_KINDS[f.name]), default=None)
+            parser.add_argument(flag, dest=f.name, type=_csv(LIST_KINDS[f.name]), default=None, metavar="A,B",
+                                help=text)
             continue
         kind = _flag_type(f)
         if kind == "bool":
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif kind == "json":
             hint = f.type if not isinstance(f.type, str) else eval(f.type, vars(typing), {})  # noqa: S307
-            parser.add_argument(flag, dest=f.name, type=_json_object if hint is dict else json.loads, default=None)
+            parser.add_argument(flag, dest=f.name, type=_json_object if hint is dict else json.loads, default=None,
+                                metavar="JSON", help=text)
         else:
-            parser.add_argument(flag, dest=f.name, type=kind, default=None)
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, metavar=kind.__name__.upper(), help=text)
 
 
 def grpo_config_from_args(args: argparse.Namespace) -> GRPOConfig:
@@ -113,10 +133,24 @@ def _run_r1(args: argparse.Namespace) -> int:
     return 0
 
 
+GRPO_DESCRIPTION = """\
+GRPO from a checkpoint (usually SFT) on verifiable tasks. Each step samples --num-generations
+completions for --prompts-per-step prompts with the in-process engine (thinking mode by default),
+scores them with the weighted reward functions, and updates the policy --num-iterations times.
+
+Rewards: built-ins accuracy, format, tool_call, length, or your own `file.py:function` /
+`module:function` with TRL's signature `def reward(completions, **kwargs) -> list[float | None]`
+(kwargs: prompts, completion_ids, completion_text, truncated, task, answer, JSONL columns).
+DeepSeek-V3.2 stabilisers: --unbiased-kl, --off-policy-delta D, --keep-routing, --keep-sampling-mask.
+The run directory gets metrics.jsonl, completions.jsonl, rewards.png, dynamics.png, checkpoints/
+(exact --resume) and final/ (HF layout with lineage.json). A --config JSON/TOML file sets the same
+fields; flags win. Lists take commas: --rewards accuracy,format --reward-weights 1,0.2"""
+
+
 def add_train_commands(stages) -> None:
     """`train grpo` and `train r1`, added to the `dsv32 train` stage parsers."""
     p = stages.add_parser("grpo", help="GRPO reinforcement learning with verifiable rewards (DeepSeek-V3.2 stabilisers)",
-                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                          description=GRPO_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a JSON or TOML file of GRPO settings")
     p.add_argument("--resume", action="store_true", help="continue exactly from the run's latest checkpoint")
     _add_dataclass_flags(p, GRPOConfig)

@@ -111,8 +111,12 @@ class R1Config:
 
 SFT_DEFAULTS = {"lr": 2e-3, "steps": 400, "warmup_steps": 20, "schedule": "cosine", "seq_len": 256, "batch_size": 16,
                 "eval_every": 100, "ckpt_every": 100, "mtp_lambda": 0.3}
-GRPO_DEFAULTS = {"steps": 30, "prompts_per_step": 8, "num_generations": 8, "lr": 2e-4, "max_completion_length": 160,
-                 "eval_every": 5, "eval_prompts": 64, "ckpt_every": 5, "epsilon_high": 0.28}
+# No length term by default: a soft overlong ramp that overlaps the length of correct worked solutions
+# teaches the model to skip steps (measured: held-out accuracy 27% -> 2% in 20 steps on tiny with the
+# ramp starting at 72 tokens while subtractions with borrows need ~75). Add it with --grpo-set rewards=...
+GRPO_DEFAULTS = {"steps": 40, "prompts_per_step": 8, "num_generations": 8, "lr": 2e-4, "max_completion_length": 256,
+                 "eval_every": 5, "eval_prompts": 64, "ckpt_every": 5, "epsilon_high": 0.28,
+                 "rewards": ["accuracy", "format"], "reward_weights": [1.0, 0.2]}
 
 
 def run_r1(cfg: R1Config) -> dict:
