@@ -3,7 +3,7 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 STAMP := .venv/.installed
 
-.PHONY: venv test test-slow test-all demo bench clean
+.PHONY: venv test test-slow test-all test-browser demo bench clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,14 @@ test-slow: venv
 test-all: venv
 	$(PIP) install -q 'lm-eval[api]==0.4.13'
 	OMP_NUM_THREADS=2 $(PY) -m pytest -m 'slow or not slow'
+
+# the chat page in real headless Chromium: Debian's package (installed here when missing; needs root), driven by
+# Playwright from the [browser] extra, which never downloads a browser of its own. `make test` skips that test
+# when either is missing. DSV32_SCREENSHOT=docs/chat-page.png make test-browser refreshes the README's picture.
+test-browser: venv
+	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
+	$(PY) -c 'import playwright' 2>/dev/null || $(PIP) install -q -e '.[dev,browser]'
+	OMP_NUM_THREADS=2 $(PY) -m pytest -m browser tests/test_browser.py
 
 demo: venv
 	.venv/bin/dsv32 demo

@@ -3,7 +3,8 @@
     app = create_app(engine, tokenizer, model_name="dsv32")     # then run it with uvicorn
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], GET /health,
-GET /metrics, POST /tokenize, POST /detokenize, GET /tokenizer_info.
+GET /metrics, POST /tokenize, POST /detokenize, GET /tokenizer_info, and GET / (the browser chat page,
+static/chat.html: plain HTML/JS over the same API).
 
 Wire format notes (what real clients rely on):
 - Streams are `data: <json>\\n\\n` events ending with `data: [DONE]`; every chunk of a response
@@ -29,7 +30,9 @@ Wire format notes (what real clients rely on):
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
+import importlib.resources
 import json
 import logging
 import re
@@ -40,7 +43,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -853,6 +856,12 @@ async def _completion_stream(state: ServerState, req: CompletionRequest, plans, 
 
 
 # ---------------------------------------------------------------------- the app
+@functools.cache
+def _chat_page_html() -> str:
+    """The browser chat page, shipped as package data (src/dsv32/serve/static/chat.html)."""
+    return importlib.resources.files("dsv32.serve").joinpath("static", "chat.html").read_text(encoding="utf-8")
+
+
 def create_app(engine, tokenizer, *, model_name: str = "dsv32", api_key: str | None = None, max_queue: int = 256,
                root: str | None = None, default_thinking: bool = False, sampling_defaults: dict | None = None,
                shutdown_timeout: float = 5.0) -> FastAPI:
@@ -912,6 +921,10 @@ def create_app(engine, tokenizer, *, model_name: str = "dsv32", api_key: str | N
     def model_card() -> dict:
         return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "dsv32",
                 "root": state.root, "parent": None, "max_model_len": state.max_seq_len, "permission": []}
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page():
+        return HTMLResponse(_chat_page_html(), headers={"Cache-Control": "no-cache"})
 
     @app.get("/health")
     async def health():
