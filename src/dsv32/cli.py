@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_commands(sub)
     _add_reasoning_commands(sub)
     _add_serving_commands(sub)
+    __import__("dsv32.eval.cli", fromlist=["add_commands"]).add_commands(sub)  # dsv32 eval (issue 8)
     return parser
 
 

@@ -11,6 +11,7 @@ model (with the balance biases), optimizer, scheduler, data position, RNG — is
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -40,6 +41,42 @@ def resolve_device(name: str) -> torch.device:
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy over the positions whose label is not IGNORE_INDEX (fp32)."""
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+@torch.no_grad()
+def loss_totals(model, batches, token_bytes: torch.Tensor | None = None, autocast=nullcontext, device=None) -> torch.Tensor:
+    """[nats, target tokens, target bytes] (float64) summed over `batches` of `PackedLoader` form; the
+    bytes are those of the target tokens (`token_byte_lengths`), 0 without a table."""
+    device = device or model.embed_tokens.weight.device
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    table = token_bytes.to(device) if token_bytes is not None else None
+    for batch in batches:
+        labels = batch["labels"].to(device)
+        with autocast():
+            out = model(batch["input_ids"].to(device), positions=batch["position_ids"].to(device),
+                        doc_ids=batch["doc_starts"].to(device).cumsum(1))
+        totals[0] += token_loss_sum(out.logits, labels).double()
+        valid = labels != IGNORE_INDEX
+        totals[1] += valid.sum()
+        if table is not None:
+            totals[2] += table[labels[valid]].sum()
+    return totals
+
+
+def loss_metrics(totals: torch.Tensor) -> dict:
+    """{"loss": nats per token, "bpb": bits per byte (when bytes were counted)} from `loss_totals`."""
+    if totals[1] == 0:
+        return {}
+    result = {"loss": float(totals[0] / totals[1])}
+    if totals[2] > 0:
+        result["bpb"] = float(totals[0] / (totals[2] * math.log(2)))
+    return result
+
+
+def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
+    """Bytes each token id stands for (float64, [vocab_size]; ids past the tokenizer's vocabulary: 0)."""
+    lengths = [len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size)]
+    return torch.tensor(lengths + [0] * max(0, vocab_size - len(lengths)), dtype=torch.float64)
 
 
 def mtp_labels(labels: torch.Tensor, doc_ids: torch.Tensor, depth: int) -> torch.Tensor:
@@ -130,9 +167,7 @@ class Trainer:
             return None
         from dsv32.tokenizer import Tokenizer
 
-        tok = Tokenizer.load(tok_dir)
-        lengths = [len(tok.token_bytes(i)) for i in range(tok.vocab_size)]
-        return torch.tensor(lengths + [0] * max(0, self.model_config.vocab_size - len(lengths)), dtype=torch.float64)
+        return token_byte_lengths(Tokenizer.load(tok_dir), self.model_config.vocab_size)
 
     # ----- one step -----
     def _forward_losses(self, batch: dict, n_targets: float, n_mtp_targets: float) -> dict:
@@ -228,27 +263,11 @@ class Trainer:
         except ValueError:
             return {}  # no validation split large enough for one batch
         self.model.eval()
-        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # nats, tokens, bytes
-        for i, batch in enumerate(loader):
-            if i >= cfg.eval_batches:
-                break
-            labels = batch["labels"].to(self.device)
-            with self.autocast():
-                out = self.model(batch["input_ids"].to(self.device), positions=batch["position_ids"].to(self.device),
-                                 doc_ids=batch["doc_starts"].to(self.device).cumsum(1))
-            totals[0] += token_loss_sum(out.logits, labels).double()
-            valid = labels != IGNORE_INDEX
-            totals[1] += valid.sum()
-            if self.token_bytes is not None:
-                totals[2] += self.token_bytes.to(self.device)[labels[valid]].sum()
+        totals = loss_totals(self.model, itertools.islice(loader, cfg.eval_batches), self.token_bytes, self.autocast,
+                             self.device)
         self.model.train()
         totals = dist_utils.all_reduce_sum(totals)
-        if totals[1] == 0:
-            return {}
-        result = {"val_loss": float(totals[0] / totals[1])}
-        if totals[2] > 0:
-            result["val_bpb"] = float(totals[0] / (totals[2] * math.log(2)))
-        return result
+        return {f"val_{k}": v for k, v in loss_metrics(totals).items()}
 
     # ----- checkpoints -----
     def _extra_state(self) -> dict:

@@ -75,26 +75,38 @@ del _dsv32_deny
 """
 
 
-def run_code_tests(code: str, function: str, tests: list[dict], timeout: float | None = None) -> bool:
-    """True iff `code` defines `function` and passes every test, run in a separate interpreter with the
-    data module's time and memory limits (dsv32.data.tasks.python_funcs) and no network or processes."""
-    import secrets
+def run_sandboxed(source: str, stdin: str, token: str, timeout: float | None = None) -> str:
+    """Run `source` in a separate interpreter with the data module's time and memory limits
+    (dsv32.data.tasks.python_funcs), no network and no child processes. Returns "passed" when it exits
+    cleanly having written `token` last (the token comes on stdin, so a candidate cannot fake it),
+    "timeout", "blocked" (it tried something the sandbox forbids) or "failed"."""
     import subprocess
     import sys
 
     from dsv32.data.tasks import python_funcs
 
-    program = _DENY_PREFIX + f"CODE = {code!r}\nNAME = {function!r}\n" + python_funcs._HARNESS
-    token = secrets.token_hex(16)
     try:
         result = subprocess.run(
-            [sys.executable, "-I", "-S", "-c", program], input=json.dumps({"tests": tests, "token": token}),
+            [sys.executable, "-I", "-S", "-c", _DENY_PREFIX + source], input=stdin,
             capture_output=True, text=True, timeout=timeout or python_funcs.TIMEOUT_S,
             preexec_fn=python_funcs._limit_resources if sys.platform != "win32" else None,
         )
     except subprocess.TimeoutExpired:
-        return False
-    return result.returncode == 0 and result.stdout.endswith(token)
+        return "timeout"
+    if result.returncode == 0 and result.stdout.endswith(token):
+        return "passed"
+    return "blocked" if "PermissionError: sandbox: " in result.stderr else "failed"
+
+
+def run_code_tests(code: str, function: str, tests: list[dict], timeout: float | None = None) -> bool:
+    """True iff `code` defines `function` and passes every test, in the sandbox of `run_sandboxed`."""
+    import secrets
+
+    from dsv32.data.tasks import python_funcs
+
+    source = f"CODE = {code!r}\nNAME = {function!r}\n" + python_funcs._HARNESS
+    token = secrets.token_hex(16)
+    return run_sandboxed(source, json.dumps({"tests": tests, "token": token}), token, timeout) == "passed"
 
 
 # ---------------------------------------------------------------------- accuracy
