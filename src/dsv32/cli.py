@@ -53,6 +53,15 @@ def _add_reasoning_commands(sub) -> None:
     grpo_cli.add_ttc_command(sub)
 
 
+def _add_pipeline_commands(sub) -> None:
+    # the one-command pipeline and its system card (issue 8): speedrun, card
+    from dsv32 import speedrun
+    from dsv32.eval import card
+
+    speedrun.add_commands(sub)
+    card.add_commands(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv32", description="DeepSeek-V3.2 from scratch: model, training, inference, serving")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -63,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reasoning_commands(sub)
     _add_serving_commands(sub)
     __import__("dsv32.eval.cli", fromlist=["add_commands"]).add_commands(sub)  # dsv32 eval (issue 8)
+    _add_pipeline_commands(sub)
     return parser
 
 
