@@ -48,6 +48,7 @@ from dsv32.model.transformer import Transformer
 __all__ = [
     "HFTensor", "to_hf_key", "from_hf_key", "hf_layout", "tensor_specs",
     "save_pretrained", "load_pretrained", "load_state_dict_into", "checkpoint_files",
+    "TensorSlice", "load_sharded", "stored_nbytes",
 ]
 
 SINGLE_FILE = "model.safetensors"
@@ -578,18 +579,9 @@ def _materialise(model: Transformer, dtype: torch.dtype, device: torch.device | 
     return model
 
 
-def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                    config: ModelConfig | None = None, strict: bool = True) -> Transformer:
-    """Build a Transformer from an HF-layout checkpoint directory (ours, transformers' or the release).
-
-    The model is built on the meta device and materialised once in `dtype` on `device`; tensors are
-    then copied in shard by shard, FP8 weights dequantised with their `weight_scale_inv` and
-    per-expert matrices written into the stacked expert parameters. The returned model's config has
-    no `quantization_config` (its weights are dense now). A checkpoint with no MTP tensor at all
-    loads with num_nextn_predict_layers=0 (warning); anything else that does not match raises one
-    ValueError listing every missing, unexpected and wrongly shaped tensor.
-    """
-    root = Path(path)
+def _open_for_loading(root: Path, config: ModelConfig | None, dtype: torch.dtype, strict: bool
+                      ) -> tuple[ModelConfig, Transformer, dict[str, StoredTensor], _Plan, int]:
+    """Config, meta model, stored headers and load plan of the checkpoint at `root` (headers only are read)."""
     cfg = config if config is not None else ModelConfig.from_pretrained(root)
     files = checkpoint_files(root)
     stored = _read_headers(files)
@@ -603,9 +595,131 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         model = _meta_model(cfg)
         layout = hf_layout(cfg, {k: tuple(v.shape) for k, v in model.state_dict().items()})
     plan = _prepare(root, stored, cfg, layout, block, strict)
+    return cfg, model, stored, plan, block
 
+
+def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                    config: ModelConfig | None = None, strict: bool = True) -> Transformer:
+    """Build a Transformer from an HF-layout checkpoint directory (ours, transformers' or the release).
+
+    The model is built on the meta device and materialised once in `dtype` on `device`; tensors are
+    then copied in shard by shard, FP8 weights dequantised with their `weight_scale_inv` and
+    per-expert matrices written into the stacked expert parameters. The returned model's config has
+    no `quantization_config` (its weights are dense now). A checkpoint with no MTP tensor at all
+    loads with num_nextn_predict_layers=0 (warning); anything else that does not match raises one
+    ValueError listing every missing, unexpected and wrongly shaped tensor.
+    """
+    root = Path(path)
+    _, model, stored, plan, block = _open_for_loading(root, config, dtype, strict)
     model = _materialise(model, dtype, device)
     if plan.missing:  # strict=False: what the checkpoint lacks starts from the usual init
         model.init_weights()
     _fill(model, plan, stored, block)
     return model
+
+
+# ---------------------------------------------------------------------- loading one rank's slice
+class TensorSlice(NamedTuple):
+    """Which part of a full-model tensor a (parallelised) model's tensor holds.
+
+    `key` is the full model's state_dict key. `dim`/`start`/`stop`: a contiguous range along one
+    dimension of the full tensor (dim None: all of it). `experts`: for stacked routed experts, the
+    expert held by each row of the local stack (an expert may appear on several ranks).
+    """
+
+    key: str
+    dim: int | None = None
+    start: int = 0
+    stop: int = 0
+    experts: tuple[int, ...] | None = None
+
+
+def load_sharded(path: str | os.PathLike, shard, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", config: ModelConfig | None = None,
+                 strict: bool = True) -> Transformer:
+    """Load only this process's part of a checkpoint into a parallelised model.
+
+    `shard(meta_model) -> {local key: TensorSlice}` turns the full model, still on the meta device,
+    into this rank's model (swapping modules in place) and says where each local tensor comes from
+    (keys it does not list are whole tensors under the same name). Only then is storage allocated,
+    for the local tensors alone, and each is filled from the safetensors mmap with `get_slice`: a
+    sliced FP8 weight reads just the 128-aligned rows/columns around its range and their scales, and
+    is dequantised on the fly. Peak host memory is the rank's share plus one tensor slice. The
+    checkpoint is validated exactly as `load_pretrained` does.
+    """
+    root = Path(path)
+    cfg, model, stored, plan, block = _open_for_loading(root, config, dtype, strict)
+    slices = shard(model)
+    model = _materialise(model, dtype, device)
+    if plan.missing:
+        model.init_weights()
+    _fill_slices(model, slices, plan, stored, block)
+    return model
+
+
+@torch.no_grad()
+def _fill_slices(model: Transformer, slices: dict[str, TensorSlice], plan: _Plan,
+                 stored: dict[str, StoredTensor], block: int) -> None:
+    entries = {(t.key, t.expert): (t, scale) for t, scale in plan.load}
+    with ExitStack() as stack:
+        handles: dict[Path, object] = {}
+
+        def handle(name: str):
+            file = stored[name].file
+            if file not in handles:
+                handles[file] = stack.enter_context(safe_open(str(file), framework="pt"))
+            return handles[file]
+
+        for key, dest in model.state_dict(keep_vars=True).items():
+            sl = slices.get(key, TensorSlice(key))
+            if sl.experts is not None:
+                for row, expert in enumerate(sl.experts):
+                    entry = entries.get((sl.key, expert))
+                    if entry is not None:
+                        dest[row].copy_(_read_slice(handle, *entry, sl, block))
+                continue
+            entry = entries.get((sl.key, None))
+            if entry is not None:  # absent: a tied head, or strict=False (initialised above)
+                dest.copy_(_read_slice(handle, *entry, sl, block))
+
+
+def _read_slice(handle, t: HFTensor, scale: str | None, sl: TensorSlice, block: int) -> torch.Tensor:
+    """One tensor, or the range `sl` of it, as stored (FP8 dequantised to fp32)."""
+    if sl.dim is None or sl.experts is not None:
+        value = handle(t.name).get_tensor(t.name)
+        if scale is not None:
+            value = dequantize_weight(value, handle(scale).get_tensor(scale), dtype=torch.float32, block=block)
+        return value
+    lo, hi = sl.start, sl.stop
+    if scale is not None:  # whole scale blocks: read the block-aligned range, dequantise, then trim
+        lo, hi = lo // block * block, min(-(-hi // block) * block, t.shape[sl.dim])
+    value = _take(handle(t.name).get_slice(t.name), sl.dim, lo, hi)
+    if scale is not None:
+        scale_inv = _take(handle(scale).get_slice(scale), sl.dim, lo // block, -(-hi // block))
+        value = dequantize_weight(value, scale_inv, dtype=torch.float32, block=block)
+        value = value.narrow(sl.dim, sl.start - lo, sl.stop - sl.start)
+    return value
+
+
+def _take(view, dim: int, start: int, stop: int) -> torch.Tensor:
+    """Rows (dim 0) or columns (dim 1) [start, stop) of a safetensors slice view, read from the file."""
+    if dim == 0:
+        return view[start:stop]
+    if dim == 1:
+        return view[:, start:stop]
+    raise ValueError(f"slices are taken along dim 0 or 1, not {dim}")
+
+
+def stored_nbytes(cfg: ModelConfig, key: str, shape: tuple[int, ...], fp8: bool, dtype: torch.dtype | str = "BF16"
+                  ) -> int:
+    """Bytes of a tensor of shape `shape` holding (part of) our tensor `key`, stored as `tensor_specs` would
+    store it: FP8 projection weights count 1 byte per element plus their F32 block scales."""
+    stacked = _STACKED_RE.search(key) is not None
+    matrix = tuple(shape[1:]) if stacked else tuple(shape)
+    count = shape[0] if stacked else 1
+    t = HFTensor(to_hf_key(key, cfg, 0 if stacked else None), key, 0 if stacked else None, matrix)
+    kind = _stored_dtype(t, cfg, fp8, st_dtype(dtype))
+    n = _nbytes(matrix, kind)
+    if kind == "F8_E4M3":
+        n += _nbytes(_scale_shape(matrix), "F32")
+    return count * n

@@ -10,16 +10,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-import torch
-
 from dsv32.cli import CLIError
+from dsv32.infer.launch import DEFAULT_MAX_SEQ_LEN
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
-DEFAULT_MAX_SEQ_LEN = 4096
 
 
 # ---------------------------------------------------------------------- shared setup
@@ -60,37 +57,32 @@ def sampling_params(args, skip_special: bool):
     )
 
 
-def build_engine(args):
-    """Load the checkpoint and tokenizer named by the flags; returns (engine, tokenizer)."""
-    from dsv32.checkpoint import load_pretrained
-    from dsv32.cli_model import parse_dtype
-    from dsv32.infer.decode import transpose_wide_weights
-    from dsv32.infer.engine import Engine
-    from dsv32.infer.quant import quantize_int8
-    from dsv32.tokenizer import Tokenizer
+def add_parallel_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of scale-out runs (`torchrun --nproc_per_node N -m dsv32.cli ...`); see dsv32.infer.parallel."""
+    g = p.add_argument_group("scale-out (under torchrun)")
+    g.add_argument("--expert-load", metavar="FILE",
+                   help="recorded expert load (engine stats JSON or a saved /metrics page): place the routed "
+                        "experts on the ranks to balance it (EPLB)")
+    g.add_argument("--redundant-experts", type=int, default=0,
+                   help="extra copies of the hottest experts per MoE layer with --expert-load (default 0)")
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not os.path.isdir(args.model):
-        raise FileNotFoundError(f"no such checkpoint directory: {args.model}")
-    tokenizer = Tokenizer.load(args.tokenizer or args.model)
-    dtype = parse_dtype(args.dtype, ("fp32", "float32", "bf16", "bfloat16"))
-    model = load_pretrained(args.model, dtype=dtype)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise CLIError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}")
-    if args.int8:
-        quantize_int8(model)
-    else:
-        transpose_wide_weights(model)  # same values, faster one-token matmuls on CPU
-    if args.speculative and not len(model.mtp):
-        raise CLIError("--speculative needs a checkpoint with an MTP layer")
-    limit = model.config.max_position_embeddings
-    max_seq_len = args.max_seq_len or min(limit, DEFAULT_MAX_SEQ_LEN)
-    if max_seq_len < 2 or max_seq_len > limit:
-        raise CLIError(f"--max-seq-len must be in [2, {limit}] for this model, got {max_seq_len}")
-    engine = Engine(model, max_batch=1, max_seq_len=max_seq_len, speculative=args.speculative,
-                    tokenizer=tokenizer, compile=args.compile)
-    return engine, tokenizer
+
+def engine_options(args) -> dict:
+    """The `parallel_engine` keywords the shared model flags ask for."""
+    return dict(tokenizer_dir=args.tokenizer, dtype=args.dtype, int8=args.int8, speculative=args.speculative,
+                max_seq_len=args.max_seq_len, threads=args.threads, expert_load=args.expert_load,
+                redundant_experts=args.redundant_experts, log=lambda line: print(line, file=sys.stderr))
+
+
+def build_engine(args):
+    """Load the checkpoint and tokenizer named by the flags, in this process or across the torchrun job.
+
+    A context manager yielding (engine, tokenizer); engine is None on follower ranks (see dsv32.infer.launch).
+    """
+    from dsv32.infer.launch import parallel_engine
+
+    return parallel_engine(args.model, max_batch=1, compile=args.compile, fast_layout=not args.int8,
+                           **engine_options(args))
 
 
 class _Printer:
@@ -176,7 +168,13 @@ def cmd_generate(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt:
         raise CLIError("the prompt is empty")
-    engine, tokenizer = build_engine(args)
+    with build_engine(args) as (engine, tokenizer):
+        if engine is None:  # a follower rank: it ran rank 0's forwards
+            return 0
+        return _generate(args, prompt, engine, tokenizer)
+
+
+def _generate(args, prompt: str, engine, tokenizer) -> int:
     if args.raw:
         ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
         thinking_mode = None
@@ -284,14 +282,16 @@ class ChatSession:
 
 
 def cmd_chat(args) -> int:
-    engine, tokenizer = build_engine(args)
-    params = sampling_params(args, skip_special=False)
-    color = sys.stdout.isatty() and not args.no_color
-    try:
-        import readline  # noqa: F401  (line editing and history for input())
-    except ImportError:
-        pass
-    return ChatSession(engine, tokenizer, params, thinking=args.thinking, color=color).run()
+    with build_engine(args) as (engine, tokenizer):
+        if engine is None:  # a follower rank: it ran rank 0's forwards
+            return 0
+        params = sampling_params(args, skip_special=False)
+        color = sys.stdout.isatty() and not args.no_color
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        return ChatSession(engine, tokenizer, params, thinking=args.thinking, color=color).run()
 
 
 # ---------------------------------------------------------------------- wiring
@@ -300,6 +300,7 @@ def add_commands(sub) -> None:
                        description="Generate one completion, streamed to stdout. The prompt becomes a user turn of "
                                    "the V3.2 chat template unless --raw.")
     _add_model_flags(p)
+    add_parallel_flags(p)
     p.add_argument("--prompt", required=True, help="the prompt text ('-' reads it from stdin)")
     p.add_argument("--thinking", action="store_true", help="thinking mode (the reply starts with reasoning)")
     p.add_argument("--raw", action="store_true", help="plain continuation of the text, no chat template")
@@ -312,7 +313,12 @@ def add_commands(sub) -> None:
                        description=f"Interactive chat with history. {HELP}. Ctrl-C stops a reply; Ctrl-C at the "
                                    "prompt or Ctrl-D exits.")
     _add_model_flags(p)
+    add_parallel_flags(p)
     p.add_argument("--thinking", action="store_true", help="start in thinking mode (toggle with /think)")
     p.add_argument("--no-color", action="store_true", help="no dimming of the reasoning")
     _add_sampling_flags(p, max_tokens=1024)
     p.set_defaults(func=cmd_chat)
+
+    from dsv32.infer import plan
+
+    plan.add_command(sub)

@@ -6,6 +6,9 @@ Prints `dsv32 serve: listening on http://HOST:PORT` once the socket is bound (wi
 port is the one the system chose). SIGINT/SIGTERM shut it down cleanly: new requests get 503,
 requests in flight may finish for --shutdown-timeout seconds, the rest are cancelled (their
 streams end with an error event and [DONE]).
+
+Under `torchrun --nproc_per_node N -m dsv32.cli serve ...` rank 0 binds the port and serves HTTP;
+every rank loads its shard and runs each step's forward with it (dsv32.infer.parallel).
 """
 from __future__ import annotations
 
@@ -17,8 +20,7 @@ import socket
 import sys
 
 from dsv32.cli import CLIError
-
-DEFAULT_MAX_SEQ_LEN = 4096
+from dsv32.infer.launch import DEFAULT_MAX_SEQ_LEN
 
 
 def add_commands(sub) -> None:
@@ -46,6 +48,9 @@ def add_commands(sub) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=5.0,
                    help="seconds requests in flight may run on after SIGTERM/SIGINT (default 5)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    from dsv32.infer.cli import add_parallel_flags
+
+    add_parallel_flags(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -63,59 +68,55 @@ def _sampling_defaults(model_dir: str) -> dict:
 
 
 def build_engine(args):
-    import torch
+    """Load the checkpoint in this process or across the torchrun job: a context manager yielding
+    (engine, tokenizer), engine None on follower ranks (see dsv32.infer.launch)."""
+    from dsv32.infer.cli import engine_options
+    from dsv32.infer.launch import parallel_engine
 
-    from dsv32.checkpoint import load_pretrained
-    from dsv32.cli_model import parse_dtype
-    from dsv32.infer.engine import Engine
-    from dsv32.infer.quant import quantize_int8
-    from dsv32.tokenizer import Tokenizer
+    if args.max_queue < 0:
+        raise CLIError("--max-queue must be >= 0")
+    return parallel_engine(args.model, max_batch=args.max_batch, prefix_caching=not args.no_prefix_caching,
+                           **engine_options(args))
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not os.path.isdir(args.model):
-        raise FileNotFoundError(f"no such checkpoint directory: {args.model}")
-    tokenizer = Tokenizer.load(args.tokenizer or args.model)
-    model = load_pretrained(args.model, dtype=parse_dtype(args.dtype, ("fp32", "float32", "bf16", "bfloat16")))
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise CLIError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}")
-    if args.int8:
-        quantize_int8(model)
-    if args.speculative and not len(model.mtp):
-        raise CLIError("--speculative needs a checkpoint with an MTP layer")
-    limit = model.config.max_position_embeddings
-    max_seq_len = args.max_seq_len or min(limit, DEFAULT_MAX_SEQ_LEN)
-    if not 2 <= max_seq_len <= limit:
-        raise CLIError(f"--max-seq-len must be in [2, {limit}] for this model, got {max_seq_len}")
-    if args.max_batch < 1 or args.max_queue < 0:
-        raise CLIError("--max-batch must be >= 1 and --max-queue >= 0")
-    engine = Engine(model, max_batch=args.max_batch, max_seq_len=max_seq_len, speculative=args.speculative,
-                    tokenizer=tokenizer, prefix_caching=not args.no_prefix_caching)
-    return engine, tokenizer
+
+def _bind(args) -> socket.socket:
+    """Bind first: a busy port fails before the model is loaded."""
+    try:
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.host, args.port))
+        sock.listen(2048)  # connections made before uvicorn starts accepting wait instead of being refused
+    except OSError as exc:
+        raise CLIError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    return sock
 
 
 def cmd_serve(args) -> int:
-    import uvicorn
-
-    from dsv32.serve.app import create_app
+    from dsv32.infer.parallel import launched_rank
 
     if not 0 <= args.port <= 65535:
         raise CLIError(f"--port must be in [0, 65535], got {args.port}")
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"no such checkpoint directory: {args.model}")
-    try:  # bind first: a busy port fails before the model is loaded
-        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((args.host, args.port))
-    except OSError as exc:
-        raise CLIError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    # under torchrun only rank 0 serves HTTP; the other ranks follow its engine
+    sock = _bind(args) if launched_rank() == 0 else None
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        engine, tokenizer = build_engine(args)
-    except BaseException:
-        sock.close()
-        raise
+        with build_engine(args) as (engine, tokenizer):
+            if engine is not None:
+                _serve(args, sock, engine, tokenizer)
+    finally:
+        if sock is not None:
+            sock.close()
+    return 0
+
+
+def _serve(args, sock: socket.socket, engine, tokenizer) -> None:
+    import uvicorn
+
+    from dsv32.serve.app import create_app
+
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     app = create_app(engine, tokenizer, model_name=name, api_key=args.api_key, max_queue=args.max_queue,
                      root=os.path.abspath(args.model), default_thinking=args.thinking,
@@ -125,11 +126,11 @@ def cmd_serve(args) -> int:
                             timeout_graceful_shutdown=max(1, int(args.shutdown_timeout) + 1))
     server = GracefulServer(config, app)
     url_host = f"[{host}]" if ":" in host else host
+    ranks = getattr(getattr(engine, "ctx", None), "world_size", 1)
     print(f"dsv32 serve: model {name!r} ({args.model}), max_seq_len {engine.max_seq_len}, "
-          f"max_batch {engine.max_batch}", flush=True)
+          f"max_batch {engine.max_batch}" + (f", {ranks} ranks" if ranks > 1 else ""), flush=True)
     print(f"dsv32 serve: listening on http://{url_host}:{port}", flush=True)
     server.run(sockets=[sock])
-    return 0
 
 
 class _GracefulMixin:
