@@ -4,7 +4,8 @@
   128-aligned), equal the same slices of the fully loaded model, and a rank holds
   replicated + (total - replicated) / N bytes (the replicated set is listed here by hand);
 - 2 spawned ranks (V3 with attention biases and no q-LoRA; V3.2 with DSA, chunked prefill, MTP
-  speculation and an EPLB placement with redundant experts): the engine's greedy tokens equal one process;
+  speculation and an EPLB placement with redundant experts): the engine's greedy tokens equal one
+  process, and each rank holds its share of the bytes;
 - the real CLI under torchrun: `generate` prints what one process prints, and `serve` answers a chat
   request with what a one-process server answers.
 """
@@ -70,8 +71,9 @@ def nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-# every rank holds these whole: norms, the latent projections, the router, the DSA indexer, MTP's eh_proj
-REPLICATED = re.compile(r"norm\.|q_a_proj|kv_a_proj_with_mqa|\.mlp\.gate\.|\.indexer\.|eh_proj")
+# every rank holds these whole: norms, the latent projections, the router, the DSA indexer, MTP's eh_proj,
+# and o_proj's bias (added once, after the all-reduce of the row-parallel product)
+REPLICATED = re.compile(r"norm\.|q_a_proj|kv_a_proj_with_mqa|\.mlp\.gate\.|\.indexer\.|eh_proj|o_proj\.bias")
 
 
 def expected_rank_bytes(full_state: dict, world: int) -> int:
@@ -139,10 +141,12 @@ def _greedy_runs(ctx, jobs: dict, results_file: str) -> None:
     would leave its peer waiting)."""
     from dsv32.infer.parallel import DriverEngine, follow
 
-    got = {}
+    got, held = {}, {}
     for name, (ckpt, prompts, runs) in jobs.items():
         for placement, speculative in runs:
             model = load_sharded(ckpt, lambda meta: parallelize(meta, ctx, placement))
+            if placement is None:
+                held[name] = nbytes(model.state_dict().values())
             if ctx.is_driver:
                 engine = DriverEngine(model, ctx, speculative=speculative, **ENGINE)
                 try:
@@ -151,6 +155,7 @@ def _greedy_runs(ctx, jobs: dict, results_file: str) -> None:
                     engine.close()
             else:
                 follow(Engine(model, speculative=speculative, **ENGINE), ctx)
+    torch.save(held, f"{results_file}.bytes{ctx.rank}")
     if ctx.is_driver:
         torch.save(got, results_file)
 
@@ -159,12 +164,14 @@ def test_two_ranks_generate_what_one_process_generates(tmp_path):
     """V3 (attention biases, no q-LoRA) and V3.2 (DSA); for V3.2 also MTP speculation (greedy: the same
     tokens) and a balanced expert placement with a copy of each layer's two hottest experts. One spawn
     runs them all (starting ranks is most of the cost on a small CPU box)."""
-    jobs, expected = {}, {}
+    jobs, expected, share = {}, {}, {}
     for name in CONFIGS:
         cfg = nano(name)
         ckpt = write_checkpoint(cfg, tmp_path / name)
         prompts = prompts_for(cfg, LENGTHS)
-        expected[name] = [c.token_ids for c in Engine(load_pretrained(ckpt), **ENGINE).complete(prompts, GREEDY)]
+        full = load_pretrained(ckpt)
+        share[name] = expected_rank_bytes(full.state_dict(), WORLD)
+        expected[name] = [c.token_ids for c in Engine(full, **ENGINE).complete(prompts, GREEDY)]
         runs = [(None, False)]
         if name == "v3.2":
             n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
@@ -178,6 +185,8 @@ def test_two_ranks_generate_what_one_process_generates(tmp_path):
         assert len(got[name]) == len(runs)
         for (placement, speculative), tokens in zip(runs, got[name]):
             assert tokens == expected[name], (name, "speculative" if speculative else "", placement)
+    for rank in range(WORLD):  # what each rank had loaded: replicated + (total - replicated) / N
+        assert torch.load(f"{results}.bytes{rank}") == share, rank
 
 
 # ---------------------------------------------------------------------- the CLI under torchrun

@@ -6,6 +6,10 @@
   stderr, so `> file` captures just the answer.
 - `chat --model DIR`: an interactive conversation with history. Commands: /think (toggle thinking),
   /reset, /stats, /help, /exit. Ctrl-C stops a reply in progress; Ctrl-C at the prompt or Ctrl-D exits.
+- `plan` (dsv32.infer.plan): per-GPU weights and KV-cache capacity of a multi-GPU deployment.
+
+Both run one engine across ranks under `torchrun --nproc_per_node N -m dsv32.cli generate ...`
+(dsv32.infer.launch; rank 0 prints, the others follow it).
 """
 from __future__ import annotations
 

@@ -44,6 +44,8 @@ def expert_placement(load_file: str | None, redundant: int, ctx, cfg, log=None):
         if redundant:
             raise CLIError("--redundant-experts needs --expert-load")
         return None
+    if not ctx.distributed:
+        raise CLIError("--expert-load places experts on several ranks: run under torchrun")
     from dsv32.infer.eplb import balanced_placement, placement_report, read_expert_load
 
     load = read_expert_load(load_file, cfg)
