@@ -195,8 +195,16 @@ def torchrun(*args: str) -> list[str]:
             "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "dsv32.cli", *args]
 
 
-def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
+def start_torchrun(*args: str, **popen) -> subprocess.Popen:
+    """torchrun in its own session, so that `kill_job` can take its ranks down with it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
+    return subprocess.Popen(torchrun(*args), text=True, env=env, start_new_session=True, **popen)
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def test_generate_under_torchrun_prints_what_one_process_prints(tmp_path, capsys):
@@ -207,9 +215,13 @@ def test_generate_under_torchrun_prints_what_one_process_prints(tmp_path, capsys
             "--max-tokens", "24", "--no-color"]
     assert main(args) == 0
     expected = capsys.readouterr().out
-    run = subprocess.run(torchrun(*args), capture_output=True, text=True, env=_env(), timeout=240)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout == expected  # rank 0 prints the reply, the follower prints nothing
+    proc = start_torchrun(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=240)
+    finally:
+        kill_job(proc)
+    assert proc.returncode == 0, err
+    assert out == expected  # rank 0 prints the reply, the follower prints nothing
 
 
 def test_server_under_torchrun_answers_what_one_process_answers(tmp_path):
@@ -226,8 +238,8 @@ def test_server_under_torchrun_answers_what_one_process_answers(tmp_path):
         finally:
             reference.close()
 
-    proc = subprocess.Popen(torchrun("serve", "--model", ckpt, "--port", "0", "--max-seq-len", "512"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    proc = start_torchrun("serve", "--model", ckpt, "--port", "0", "--max-seq-len", "512",
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines = []
     try:
         for line in proc.stdout:
@@ -242,9 +254,8 @@ def test_server_under_torchrun_answers_what_one_process_answers(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)  # torchrun hands it to both ranks; rank 0 shuts the job down
         try:
-            out, _ = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+            proc.communicate(timeout=60)
+        finally:
+            kill_job(proc)
     assert got["choices"][0]["message"] == expected["choices"][0]["message"]
     assert got["usage"] == expected["usage"]
