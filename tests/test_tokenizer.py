@@ -103,6 +103,15 @@ def test_incremental_detokenizer_agrees_with_decode_on_any_ids(tok, ids):
     assert "".join(stream.push(i) for i in ids) + stream.flush() == tok.decode(ids)
 
 
+def test_ids_beyond_the_vocabulary_decode_to_nothing(tok):
+    """A model's vocabulary is often padded past its tokenizer's; an untrained model samples those ids."""
+    beyond = tok.vocab_size + 5
+    ids = tok.encode("ab") + [beyond] + tok.encode("cd")
+    stream = tok.detokenizer()
+    assert "".join(stream.push(i) for i in ids) + stream.flush() == tok.decode(ids) == "abcd"
+    assert tok.token_bytes(beyond) == b"" and tok.token_bytes(-1) == b""
+
+
 def test_incremental_detokenizer_can_skip_special_tokens(tok):
     ids = tok.encode(f"{BOS}hi{EOS}", allow_special=True)
     stream = tok.detokenizer(skip_special=True)

@@ -183,8 +183,12 @@ class Tokenizer:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special)
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The exact bytes a token stands for (special tokens: their UTF-8 text)."""
-        return self._bytes_table()[token_id]
+        """The exact bytes a token stands for (special tokens: their UTF-8 text).
+
+        An id beyond the tokenizer's vocabulary (a model's embedding is often padded past it, and an
+        untrained model samples anything) stands for nothing, as in `decode`."""
+        table = self._bytes_table()
+        return table[token_id] if 0 <= token_id < len(table) else b""
 
     def _bytes_table(self) -> list[bytes]:
         if self._token_bytes is None:
@@ -226,7 +230,8 @@ class IncrementalDetokenizer:
         ids = [i for i in ids if i not in self._skip]
         if self._bytewise:
             table = self.tokenizer._bytes_table()
-            return self._utf8.decode(b"".join(table[i] for i in ids))
+            n = len(table)
+            return self._utf8.decode(b"".join(table[i] for i in ids if 0 <= i < n))  # unknown ids: nothing
         self._pending.extend(ids)
         text = self.tokenizer.decode(self._pending)
         if text.endswith("\ufffd"):
