@@ -54,6 +54,33 @@ def test_generate_with_the_chat_template(ckpt, capsys, thinking):
         assert parsed["reasoning_content"] and parsed["reasoning_content"] in captured.err
 
 
+@pytest.mark.parametrize("select", ["majority", "best"])
+def test_generate_samples_prints_the_majority_or_best_of_k_reply(ckpt, capsys, select):
+    from dsv32.train.ttc import sample_and_vote
+
+    argv = ["generate", "--model", ckpt, "--prompt", "What is 2+2?", "--max-tokens", "8", "--samples", "5",
+            "--seed", "3", "--select", select]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    eng = Engine(nano_model(), max_batch=5, max_seq_len=1024, tokenizer=tiny_tokenizer())
+    params = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.95, seed=3)
+    want = sample_and_vote(eng, tiny_tokenizer(), [{"role": "user", "content": "What is 2+2?"}], 5, params,
+                           thinking_mode="chat", verifier="steps")
+    reply = want["reply"] if select == "majority" else want["best_reply"]
+    assert captured.out == (reply.get("content") or "") + "\n"
+    assert f"votes {want['votes']}" in captured.err and sum(want["votes"].values()) <= 5
+    assert len(want["replies"]) == 5 and len({r.get("content") for r in want["replies"]}) > 1  # really sampled
+
+
+def test_generate_samples_errors(ckpt, capsys):
+    base = ["generate", "--model", ckpt, "--prompt", "x"]
+    assert main(base + ["--samples", "0"]) == 1
+    assert main(base + ["--samples", "3", "--temperature", "0"]) == 1
+    assert main(base + ["--samples", "3", "--raw"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "at least 1" in err[0] and "temperature" in err[1] and "--raw" in err[2]
+
+
 def test_generate_errors_are_one_line(ckpt, tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]) == 1
     assert main(["generate", "--model", ckpt, "--prompt", "x", "--dtype", "fp7"]) == 1

@@ -172,6 +172,8 @@ def cmd_generate(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt:
         raise CLIError("the prompt is empty")
+    if args.samples < 1:
+        raise CLIError(f"--samples must be at least 1, got {args.samples}")
     with build_engine(args) as (engine, tokenizer):
         if engine is None:  # a follower rank: it ran rank 0's forwards
             return 0
@@ -188,6 +190,8 @@ def _generate(args, prompt: str, engine, tokenizer) -> int:
         thinking_mode = "thinking" if args.thinking else "chat"
         ids = tokenize_messages([{"role": "user", "content": prompt}], tokenizer, thinking_mode=thinking_mode)
     params = sampling_params(args, skip_special=args.raw)
+    if args.samples > 1:
+        return _generate_samples(args, prompt, engine, tokenizer, params)
     tty = sys.stdout.isatty()
     color = tty and not args.no_color
     printer = _Printer(sys.stdout, color, reasoning_out=None if tty else sys.stderr)
@@ -196,6 +200,31 @@ def _generate(args, prompt: str, engine, tokenizer) -> int:
     sys.stdout.flush()
     if args.stats:
         print(_stats_line(usage, seconds, engine) + f" finish: {finish}", file=sys.stderr)
+    return 0
+
+
+def _generate_samples(args, prompt: str, engine, tokenizer, params) -> int:
+    """--samples K: K sampled replies, then the majority answer (self-consistency) or the best-of-K by a
+    verifier; the chosen reply goes to stdout, the votes and the other pick to stderr."""
+    from dsv32.train.ttc import sample_and_vote
+
+    if args.raw:
+        raise CLIError("--samples votes over chat replies; it cannot be combined with --raw")
+    if params.temperature == 0:
+        raise CLIError("--samples needs sampling (temperature > 0): greedy replies would all be the same")
+    thinking_mode = "thinking" if args.thinking else "chat"
+    result = sample_and_vote(engine, tokenizer, [{"role": "user", "content": prompt}], args.samples, params,
+                             thinking_mode=thinking_mode, verifier=args.verifier)
+    if args.select == "majority":
+        reply, label = result["reply"], f"majority answer {result['answer']!r}"
+    else:
+        reply, label = result["best_reply"], f"best of {args.samples} by the {args.verifier} verifier: {result['best_answer']!r}"
+    reply = reply or {}
+    if reply.get("reasoning_content"):
+        print(reply["reasoning_content"], file=sys.stderr)
+    print(reply.get("content") or "")
+    print(f"{label}; votes {result['votes']}; majority {result['answer']!r}, best-of-{args.samples} "
+          f"{result['best_answer']!r}", file=sys.stderr)
     return 0
 
 
@@ -310,6 +339,14 @@ def add_commands(sub) -> None:
     p.add_argument("--raw", action="store_true", help="plain continuation of the text, no chat template")
     p.add_argument("--no-color", action="store_true", help="no dimming of the reasoning")
     p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
+    g = p.add_argument_group("test-time compute")
+    g.add_argument("--samples", type=int, default=1, metavar="K",
+                   help="sample K replies and answer with the majority vote or the best-of-K (default 1)")
+    g.add_argument("--select", choices=("majority", "best"), default="majority",
+                   help="which of the K replies to print: the majority answer's (default) or the verifier's best")
+    g.add_argument("--verifier", choices=("steps", "logprob"), default="steps",
+                   help="best-of-K score: steps re-checks the arithmetic written in the reply (ties: mean "
+                        "log-prob); logprob is the mean token log-prob")
     _add_sampling_flags(p, max_tokens=256)
     p.set_defaults(func=cmd_generate)
 

@@ -232,24 +232,34 @@ def plot_curve(curve: dict[int, dict[str, float]], path: str | Path, title: str 
 
 
 def sample_and_vote(engine, tokenizer, messages: list[dict], samples: int, params, thinking_mode: str = "thinking",
-                    task=None) -> dict:
-    """For `dsv32 generate --samples K`: sample K replies to one conversation and return the majority
-    answer, its votes, and every parsed reply (the answer of a free-form prompt is its "Answer:" text,
-    else the whole content)."""
+                    task=None, verifier: str = "steps") -> dict:
+    """For `dsv32 generate --samples K`: sample K replies to one conversation; return the majority
+    answer (self-consistency) with its votes, the best-of-K reply by `verifier` (steps | logprob | tests:
+    it never sees a reference answer), and every parsed reply. The answer of a free-form prompt is its
+    "Answer:" text, else the whole content."""
     import dataclasses
 
     from dsv32.chat import parse_completion, tokenize_messages
 
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
     ids = tokenize_messages(messages, tokenizer, thinking_mode=thinking_mode)
     base = params.seed if params.seed is not None else 0
-    plist = [dataclasses.replace(params, seed=random.Random(f"vote:{base}:{k}").getrandbits(63)) for k in range(samples)]
+    plist = [dataclasses.replace(params, seed=random.Random(f"vote:{base}:{k}").getrandbits(63), logprobs=0)
+             for k in range(samples)]
     done = engine.complete([ids] * samples, plist)
     replies = [parse_completion(tokenizer.decode(o.token_ids, skip_special=False), thinking_mode) for o in done]
     answers = [final_answer(r, task) or ((r.get("content") or "").strip() or None) for r in replies]
+    entries = []
+    for o, r, a in zip(done, replies, answers):
+        lps = [lp.logprob for lp in o.logprobs or []]
+        entries.append({"message": r, "answer": a, "mean_logprob": sum(lps) / len(lps) if lps else -math.inf})
     i = majority_vote(answers)
+    best = max(range(samples), key=lambda j: verifier_score(verifier, entries[j], task))
     votes = Counter(a for a in answers if a is not None)
     return {"answer": answers[i] if i is not None else None, "reply": replies[i] if i is not None else None,
-            "votes": dict(votes.most_common()), "replies": replies}
+            "votes": dict(votes.most_common()), "replies": replies,
+            "best_answer": answers[best], "best_reply": replies[best], "verifier": verifier}
 
 
 def run_scaling(engine, tokenizer, prompts, *, ks: list[int], out_dir: str | Path, thinking_mode: str, max_tokens: int,
