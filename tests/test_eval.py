@@ -138,7 +138,7 @@ def test_pass_at_k_and_majority_by_hand():
     assert m["pass@4"] == 1.0
     assert m["maj@4"] == 0.5
     assert m["format_ok"] == 6 / 8 and m["truncated"] == 1 / 8 and m["mean_tokens"] == 11.25
-    assert (m["n"], m["samples"]) == (2, 4) and "errors" not in m
+    assert (m["n"], m["samples"], m["errors"]) == (2, 4, 0.0)
 
 
 # ---------------------------------------------------------------------- perplexity
@@ -190,7 +190,7 @@ def test_evaluate_a_checkpoint_writes_results_and_samples(checkpoint, files, tmp
     assert set(results) == {"perplexity", "arithmetic", "tools", "code", "gsm8k", "humaneval"}
     for name in ("arithmetic", "tools", "code", "gsm8k", "humaneval"):
         r = results[name]
-        assert {"pass@1", "pass@2", "maj@2", "format_ok", "n"} <= set(r) and r["n"] == 2 and "errors" not in r
+        assert {"pass@1", "pass@2", "maj@2", "format_ok", "n"} <= set(r) and r["n"] == 2 and r["errors"] == 0.0
         assert r["pass@1"] == 0.0   # a random model
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["results"] == json.loads(json.dumps(results)) and saved["model"] == checkpoint
@@ -209,6 +209,14 @@ def test_evaluate_a_loaded_model_in_training_keeps_it_training(checkpoint):
                        data=["def f(x):\n    return x\n"], thinking="thinking")
     assert set(results) == {"perplexity", "word_problem"} and results["word_problem"]["n"] == 2
     assert model.training and all(m.training for m in model.modules())
+
+
+def test_a_prompt_longer_than_the_context_is_a_failed_sample(checkpoint):
+    model = load_pretrained(checkpoint)
+    model.config.max_position_embeddings = 200     # arithmetic prompts fit, the tool schemas do not
+    results = evaluate(model, small_tokenizer(), "arithmetic,tools", n=2, max_tokens=4)
+    assert results["tools"]["errors"] == 1.0 and results["tools"]["pass@1"] == 0.0
+    assert results["arithmetic"]["errors"] == 0.0 and results["arithmetic"]["mean_tokens"] > 0
 
 
 def test_unknown_task_and_bad_settings(checkpoint):

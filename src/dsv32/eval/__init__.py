@@ -26,7 +26,7 @@ through `/tokenize` + `/v1/completions` with echo and logprobs, as `dsv32 serve`
 
 Metrics of a generative task: pass@k (the unbiased estimator over all samples; pass@1 is the
 accuracy), maj@N (majority vote over the N samples of a problem, graded), format_ok, truncated,
-mean_tokens, n, samples. Perplexity: loss (nats/token), perplexity, bpb, tokens, bytes, n (documents).
+mean_tokens, errors (samples that could not be drawn: a prompt past the context), n, samples. Perplexity: loss (nats/token), perplexity, bpb, tokens, bytes, n (documents).
 
 `perplexity(model, data="stdlib", tokenizer=None, seq_len=256, max_tokens=16384)` returns the
 perplexity entry alone. The speedrun's budget: the tiny model on 2 CPU cores, n=20, all tasks, in

@@ -95,7 +95,7 @@ def _is_data_dir(source) -> bool:
 
 @torch.no_grad()
 def perplexity(model, data: str | list[str] = "stdlib", tokenizer=None, *, seq_len: int = 256, batch_size: int = 8,
-               max_tokens: int = DEFAULT_MAX_TOKENS, validation_fraction: float = 0.05) -> dict:
+               max_tokens: int = DEFAULT_MAX_TOKENS, validation_fraction: float = 0.05, progress: bool = False) -> dict:
     """{"loss" (nats/token), "perplexity", "bpb", "tokens", "bytes", "n" (documents)} of `model` (a
     `Transformer`, or a checkpoint directory) on held-out `data`; `tokenizer` defaults to the checkpoint's."""
     from dsv32.eval.runner import load_model
@@ -103,7 +103,7 @@ def perplexity(model, data: str | list[str] = "stdlib", tokenizer=None, *, seq_l
 
     model, tokenizer = load_model(model, tokenizer)
     if _is_data_dir(data):
-        return _data_dir_perplexity(model, str(data), tokenizer, seq_len, batch_size, max_tokens)
+        return _data_dir_perplexity(model, str(data), tokenizer, seq_len, batch_size, max_tokens, progress)
     if tokenizer is None:
         raise EvalError("perplexity on text needs a tokenizer")
     texts = held_out_texts(data, validation_fraction)
@@ -113,12 +113,20 @@ def perplexity(model, data: str | list[str] = "stdlib", tokenizer=None, *, seq_l
     table = token_byte_lengths(tokenizer, model.config.vocab_size)
     was_training = model.training
     model.eval()
-    totals = loss_totals(model, window_batches(rows, seq_len, batch_size, tokenizer.eos_id), table)
+    batches = _bar(window_batches(rows, seq_len, batch_size, tokenizer.eos_id), -(-len(rows) // batch_size), progress)
+    totals = loss_totals(model, batches, table)
     model.train(was_training)
     return _summary(totals, len(docs))
 
 
-def _data_dir_perplexity(model, data_dir: str, tokenizer, seq_len: int, batch_size: int, max_tokens: int) -> dict:
+def _bar(batches, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(batches, total=total, desc="perplexity", unit="batch", disable=not enabled, leave=False)
+
+
+def _data_dir_perplexity(model, data_dir: str, tokenizer, seq_len: int, batch_size: int, max_tokens: int,
+                         progress: bool) -> dict:
     from dsv32.data.loader import PackedLoader
     from dsv32.data.shards import read_manifest
     from dsv32.tokenizer import Tokenizer
@@ -135,14 +143,14 @@ def _data_dir_perplexity(model, data_dir: str, tokenizer, seq_len: int, batch_si
     table = token_byte_lengths(tokenizer, model.config.vocab_size) if tokenizer is not None else None
     was_training = model.training
     model.eval()
-    totals = loss_totals(model, itertools.islice(loader, batches), table)
+    totals = loss_totals(model, _bar(itertools.islice(loader, batches), batches, progress), table)
     model.train(was_training)
     return _summary(totals, int(loader.manifest["splits"]["validation"]["num_documents"]))
 
 
 # ---------------------------------------------------------------------- over HTTP
-def perplexity_http(backend, data: str | list[str] = "stdlib", *, seq_len: int | None = None,
-                    max_tokens: int = DEFAULT_MAX_TOKENS, validation_fraction: float = 0.05, batch_size: int = 8) -> dict:
+def perplexity_http(backend, data: str | list[str] = "stdlib", *, seq_len: int = 256, max_tokens: int = DEFAULT_MAX_TOKENS,
+                    validation_fraction: float = 0.05, batch_size: int = 8, progress: bool = False) -> dict:
     """`perplexity` of the model behind an `HTTPBackend` (see the module docstring)."""
     if _is_data_dir(data):
         raise EvalError("over a URL, perplexity reads text (stdlib or a text path), not prepared token shards")
@@ -156,11 +164,11 @@ def perplexity_http(backend, data: str | list[str] = "stdlib", *, seq_len: int |
         targets += len(docs[-1]) - 1
         if targets >= max_tokens:
             break
-    seq_len = seq_len or min(256, (context or 257) - 1)
+    seq_len = min(seq_len, context - 1) if context else seq_len  # a window must fit the server's context
     scored = budgeted_documents(docs, max_tokens)
     rows = document_windows(scored, seq_len)
     nats, tokens = 0.0, 0
-    for start in range(0, len(rows), batch_size):
+    for start in _bar(range(0, len(rows), batch_size), -(-len(rows) // batch_size), progress):
         body = {"model": backend.model_name, "prompt": rows[start:start + batch_size], "max_tokens": 0, "echo": True,
                 "logprobs": 0, "temperature": 0.0}
         for choice in _json(backend.post("/completions", body), "/v1/completions with echo and logprobs")["choices"]:

@@ -122,7 +122,7 @@ def evaluate(model, tokenizer=None, tasks: list[str] | str = ("perplexity", "ari
              code_timeout: float = 5.0) -> dict:
     """Evaluate `model` on `tasks`; returns {task: {metric: value, ..., "n": count}} (eval.json's
     "results"), and writes eval.json + samples.jsonl under `out_dir` when given. See `dsv32.eval`."""
-    from dsv32.eval.perplexity import DEFAULT_MAX_TOKENS, perplexity, perplexity_http
+    from dsv32.eval.perplexity import DEFAULT_MAX_TOKENS, perplexity
 
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
     if not names:
@@ -146,32 +146,36 @@ def evaluate(model, tokenizer=None, tasks: list[str] | str = ("perplexity", "ari
     settings = {"n": n, "samples": samples, "k": ks, "temperature": temperature, "top_p": top_p,
                 "max_tokens": max_tokens, "thinking": thinking, "seed": seed, "split": split,
                 "task_args": task_args or {}, "tasks": names}
-    ppl_tokens = ppl_tokens or DEFAULT_MAX_TOKENS
-    results: dict = {}
-    records: list[dict] = []
+    ppl = {"data": data, "seq_len": seq_len, "max_tokens": ppl_tokens or DEFAULT_MAX_TOKENS, "progress": progress}
+    with_ppl = any(map(is_perplexity, names))
     if url:
-        backend = HTTPBackend(model, api_key=api_key)
-        try:
-            if any(map(is_perplexity, names)):
-                results["perplexity"] = perplexity_http(backend, data, max_tokens=ppl_tokens)
-            generated, records = run_generative(backend, specs, sampling, ks, progress, _workers())
-        finally:
-            backend.close()
+        results, records = _run_url(model, api_key, with_ppl, ppl, specs, sampling, ks, progress)
     else:
         model, tokenizer = load_model(model, tokenizer)
         if tokenizer is None:
             raise EvalError(f"{label}: no tokenizer (give one; the checkpoint has no tokenizer.json)")
-        if any(map(is_perplexity, names)):
-            results["perplexity"] = perplexity(model, data, tokenizer, seq_len=seq_len, max_tokens=ppl_tokens)
+        results = {"perplexity": perplexity(model, tokenizer=tokenizer, **ppl)} if with_ppl else {}
         generated, records = run_generative(EngineBackend(model, tokenizer, batch), specs, sampling, ks, progress,
                                             _workers())
-    if any(map(is_perplexity, names)):
+        results.update(generated)
+    if with_ppl:
         settings.update(data=str(data) if isinstance(data, (str, Path)) else f"{len(data)} texts", seq_len=seq_len,
-                        ppl_tokens=ppl_tokens)
-    results.update(generated)
+                        ppl_tokens=ppl["max_tokens"])
     if out_dir is not None:
         write_results(out_dir, label, settings, results, records)
     return results
+
+
+def _run_url(url: str, api_key, with_ppl: bool, ppl: dict, specs, sampling, ks, progress) -> tuple[dict, list[dict]]:
+    from dsv32.eval.perplexity import perplexity_http
+
+    backend = HTTPBackend(url, api_key=api_key)
+    try:
+        results = {"perplexity": perplexity_http(backend, **ppl)} if with_ppl else {}
+        generated, records = run_generative(backend, specs, sampling, ks, progress, _workers())
+    finally:
+        backend.close()
+    return {**results, **generated}, records
 
 
 def _workers() -> int:
@@ -190,16 +194,23 @@ def write_results(out_dir, model_label: str, settings: dict, results: dict, reco
     return out
 
 
+def _cell(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key.startswith(("pass@", "maj@")) or key in ("format_ok", "truncated", "errors"):
+        return f"{100 * value:.1f}%"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def summary_table(results: dict) -> str:
-    """One row per task: its metrics as percentages (rates) or plain numbers."""
-    lines = []
+    """Tasks as rows, metrics as columns; tasks with other metrics (perplexity) get a table of their own."""
+    groups: dict[tuple, list[str]] = {}
     for task, metrics in results.items():
-        cells = []
-        for key, value in metrics.items():
-            if value is None:
-                continue
-            rate = key.startswith(("pass@", "maj@")) or key in ("format_ok", "truncated", "errors")
-            cells.append(f"{key} {100 * value:.1f}%" if rate else f"{key} {value:.4g}" if isinstance(value, float)
-                         else f"{key} {value}")
-        lines.append(f"{task:<14} " + "  ".join(cells))
-    return "\n".join(lines)
+        groups.setdefault(tuple(metrics), []).append(task)
+    tables = []
+    for keys, tasks in groups.items():
+        rows = [["task", *keys]] + [[t, *(_cell(k, results[t][k]) for k in keys)] for t in tasks]
+        widths = [max(len(r[c]) for r in rows) for c in range(len(keys) + 1)]
+        tables.append("\n".join("  ".join(cell.rjust(w) if c else cell.ljust(w) for c, (cell, w) in
+                                           enumerate(zip(row, widths))) for row in rows))
+    return "\n\n".join(tables)

@@ -134,7 +134,7 @@ def task_metrics(samples: list[list[Sample]], scores: list[list[Score]], format_
                  ks: list[int]) -> dict:
     """pass@k (unbiased, from all samples), majority-vote accuracy over all samples (maj@N), the share
     of well-formed finished replies, of replies cut at max_tokens, the mean reply length, and the share
-    of samples that could not be drawn ("errors", only when there are some)."""
+    of samples that could not be drawn ("errors")."""
     from dsv32.train.ttc import majority_vote, pass_at_k
 
     n_prompts = max(len(scores), 1)
@@ -148,9 +148,8 @@ def task_metrics(samples: list[list[Sample]], scores: list[list[Score]], format_
     metrics["format_ok"] = sum(map(sum, format_ok)) / max(len(per_sample), 1)
     metrics["truncated"] = sum(s.finish_reason == "length" for s in per_sample) / max(len(per_sample), 1)
     metrics["mean_tokens"] = sum(s.tokens for s in per_sample) / max(len(per_sample), 1)
-    errors = sum(s.error is not None for s in per_sample)
-    if errors:  # prompts that could not be sampled (longer than the context, refused by the server)
-        metrics["errors"] = errors / len(per_sample)
+    # prompts that could not be sampled (longer than the context, refused by the server)
+    metrics["errors"] = sum(s.error is not None for s in per_sample) / max(len(per_sample), 1)
     metrics["n"] = len(scores)
     metrics["samples"] = n
     return metrics
