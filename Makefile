@@ -33,8 +33,10 @@ test-browser: venv
 	$(PY) -c 'import playwright' 2>/dev/null || $(PIP) install -q -e '.[dev,browser]'
 	OMP_NUM_THREADS=2 $(PY) -m pytest -m browser tests/test_browser.py
 
+# the whole pipeline on CPU (tokenizer -> pretrain -> SFT -> GRPO -> eval -> card) in runs/speedrun;
+# re-running resumes finished stages (`.venv/bin/dsv32 speedrun --fresh` starts over)
 demo: venv
-	.venv/bin/dsv32 demo
+	.venv/bin/dsv32 speedrun --preset tiny
 
 bench: venv
 	OMP_NUM_THREADS=2 $(PY) bench/forward.py

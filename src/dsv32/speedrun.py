@@ -40,13 +40,14 @@ class SpeedrunConfig:
     # tokenizer: byte-level BPE on the corpus plus the task generators' texts
     vocab_size: int = 4096
     # pretraining
-    pretrain_steps: int = 160
+    pretrain_steps: int = 120
     pretrain_batch: int = 8
     pretrain_lr: float = 3e-3
     seq_len: int = 256
     # SFT mixture: generated training-split conversations per task kind
-    sft_examples: dict = field(default_factory=lambda: {"arithmetic": 3000, "word_problem": 600, "tool_use": 600})
-    sft_steps: int = 160
+    # (tool-use conversations carry ~600 tokens of tool schemas each: few of them go a long way)
+    sft_examples: dict = field(default_factory=lambda: {"arithmetic": 4000, "word_problem": 400, "tool_use": 150})
+    sft_steps: int = 240
     sft_batch: int = 16
     sft_lr: float = 2e-3
     # GRPO on arithmetic
