@@ -70,21 +70,25 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike, **overrides) -> "TrainConfig":
         """Read a JSON or TOML file of TrainConfig fields, then apply `overrides`."""
-        path = Path(path)
-        text = path.read_text(encoding="utf-8")
-        try:
-            if path.suffix == ".toml":
-                import tomllib
+        return cls(**{**read_settings_file(cls, path, "training"), **overrides})
 
-                raw = tomllib.loads(text)
-            else:
-                raw = json.loads(text)
-        except Exception as exc:  # noqa: BLE001 - any parse error becomes one clear line
-            raise ValueError(f"{path}: cannot parse ({exc})") from None
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown training settings {', '.join(unknown)}")
-        return cls(**{**raw, **overrides})
+
+def read_settings_file(cls, path: str | os.PathLike, what: str) -> dict:
+    """The fields of dataclass `cls` from a JSON or TOML file; unknown keys and parse errors are one clear line."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            raw = tomllib.loads(text)
+        else:
+            raw = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - any parse error becomes one clear line
+        raise ValueError(f"{path}: cannot parse ({exc})") from None
+    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"{path}: unknown {what} settings {', '.join(unknown)}")
+    return raw
 
 

@@ -38,6 +38,7 @@ from dsv32.train.optim import build_optimizer, build_scheduler
 from dsv32.train.rewards import BUILTIN_REWARDS, build_rewards, compute_rewards
 from dsv32.train.rollout import (MicroBatch, OldPolicy, Prompt, completion_logits, generate, load_prompts,
                                  make_micro_batch, sampling_params, score_old_policy)
+from dsv32.train.state import Checkpointing
 
 DEFAULT_REWARDS = {"tool_use": ["accuracy", "tool_call", "format", "length"]}
 FALLBACK_REWARDS = ["accuracy", "format", "length"]
@@ -153,21 +154,9 @@ class GRPOConfig:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **overrides) -> "GRPOConfig":
-        path = Path(path)
-        text = path.read_text(encoding="utf-8")
-        try:
-            if path.suffix == ".toml":
-                import tomllib
+        from dsv32.train.config import read_settings_file
 
-                raw = tomllib.loads(text)
-            else:
-                raw = json.loads(text)
-        except Exception as exc:  # noqa: BLE001 - any parse error becomes one clear line
-            raise ValueError(f"{path}: cannot parse ({exc})") from None
-        unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"{path}: unknown GRPO settings {', '.join(unknown)}")
-        return cls(**{**raw, **overrides})
+        return cls(**{**read_settings_file(cls, path, "GRPO"), **overrides})
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -179,7 +168,7 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
-class GRPOTrainer:
+class GRPOTrainer(Checkpointing):
     def __init__(self, cfg: GRPOConfig):
         from dsv32.checkpoint import load_pretrained
         from dsv32.infer.engine import Engine
@@ -441,33 +430,17 @@ class GRPOTrainer:
             self.model.train()
         return {"val_accuracy": result["accuracy"], "val_format": result["format_ok"]}
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints (state.Checkpointing)
     def _extra_state(self) -> dict:
-        return {"scheduler": self.scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
-                "grpo_config": dataclasses.asdict(self.cfg)}
+        return {"rng_cpu": torch.get_rng_state(), "grpo_config": dataclasses.asdict(self.cfg)}
 
-    def save_checkpoint(self) -> None:
-        from dsv32.train.state import save_train_state
-
-        save_train_state(self.run_dir / "checkpoints", self.step, self.model, self.optimizer, self._extra_state(),
-                         keep_last=self.cfg.keep_last)
-
-    def resume(self) -> bool:
-        from dsv32.train.state import latest_checkpoint, load_train_state
-
-        ckpt = latest_checkpoint(self.run_dir / "checkpoints")
-        if ckpt is None:
-            return False
-        self.step, extra = load_train_state(ckpt, self.model, self.optimizer)
-        self.scheduler.load_state_dict(extra["scheduler"])
+    def _restore_extra(self, extra: dict) -> None:
         torch.set_rng_state(extra["rng_cpu"])
-        self.metrics.truncate_after(self.step)
-        completions = self.run_dir / "completions.jsonl"
+        completions = self.run_dir / "completions.jsonl"   # drop the samples of steps after the checkpoint
         if completions.exists():
             kept = [line for line in completions.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line)["step"] <= self.step]
             completions.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        return True
 
     # ------------------------------------------------------------------ the run
     def run(self, resume: bool = False) -> dict:

@@ -30,6 +30,7 @@ from dsv32.train.balance import BiasBalancer
 from dsv32.train.metrics import MetricsLog, measure_matmul_peak, plot_run, training_flops_per_token
 from dsv32.train.optim import build_optimizer, build_scheduler
 from dsv32.train.config import TrainConfig
+from dsv32.train.state import Checkpointing
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -92,7 +93,7 @@ def mtp_labels(labels: torch.Tensor, doc_ids: torch.Tensor, depth: int) -> torch
 
 
 # ---------------------------------------------------------------------- the trainer
-class Trainer:
+class Trainer(Checkpointing):
     def __init__(self, cfg: TrainConfig, model_config: ModelConfig | None = None):
         self.cfg = cfg.validate()
         self.dist = dist_utils.init_distributed()
@@ -269,33 +270,17 @@ class Trainer:
         totals = dist_utils.all_reduce_sum(totals)
         return {f"val_{k}": v for k, v in loss_metrics(totals).items()}
 
-    # ----- checkpoints -----
+    # ----- checkpoints (save_checkpoint / resume: state.Checkpointing) -----
     def _extra_state(self) -> dict:
-        return {"scheduler": self.scheduler.state_dict(), "loader": self.train_loader.state_dict(),
-                "rng_cpu": torch.get_rng_state().tolist(),
+        return {"loader": self.train_loader.state_dict(), "rng_cpu": torch.get_rng_state().tolist(),
                 "rng_cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
                 "train_config": dataclasses.asdict(self.cfg)}
 
-    def save_checkpoint(self) -> None:
-        from dsv32.train.state import save_train_state
-
-        save_train_state(self.run_dir / "checkpoints", self.step, self.model, self.optimizer, self._extra_state(),
-                         keep_last=self.cfg.keep_last)
-
-    def resume(self) -> bool:
-        from dsv32.train.state import latest_checkpoint, load_train_state
-
-        ckpt = latest_checkpoint(self.run_dir / "checkpoints")
-        if ckpt is None:
-            return False
-        self.step, extra = load_train_state(ckpt, self.model, self.optimizer)
-        self.scheduler.load_state_dict(extra["scheduler"])
+    def _restore_extra(self, extra: dict) -> None:
         self.train_loader.load_state_dict(extra["loader"])
         torch.set_rng_state(torch.tensor(extra["rng_cpu"], dtype=torch.uint8))
         if extra.get("rng_cuda") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in extra["rng_cuda"]])
-        self.metrics.truncate_after(self.step)
-        return True
 
     # ----- the run -----
     def write_resolved_config(self) -> None:

@@ -294,3 +294,31 @@ def load_train_state(
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(strict=False))
     return int(record["step"]), record["extra"]
+
+
+class Checkpointing:
+    """`save_checkpoint()` / `resume()` for a trainer that has `run_dir`, `step`, `model`, `optimizer`,
+    `scheduler`, `metrics` and `cfg.keep_last`; it adds what else it keeps through `_extra_state()`
+    (saved beside the model and optimizer) and `_restore_extra(extra)`."""
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _restore_extra(self, extra: dict) -> None:
+        pass
+
+    def save_checkpoint(self) -> None:
+        extra = {"scheduler": self.scheduler.state_dict(), **self._extra_state()}
+        save_train_state(self.run_dir / "checkpoints", self.step, self.model, self.optimizer, extra,
+                         keep_last=self.cfg.keep_last)
+
+    def resume(self) -> bool:
+        """Continue from the run's latest checkpoint; False when it has none."""
+        ckpt = latest_checkpoint(self.run_dir / "checkpoints")
+        if ckpt is None:
+            return False
+        self.step, extra = load_train_state(ckpt, self.model, self.optimizer)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self._restore_extra(extra)
+        self.metrics.truncate_after(self.step)
+        return True
