@@ -47,17 +47,17 @@ class SpeedrunConfig:
     # SFT mixture: generated training-split conversations per task kind
     # (tool-use conversations carry ~600 tokens of tool schemas each: few of them go a long way)
     sft_examples: dict = field(default_factory=lambda: {"arithmetic": 4000, "word_problem": 400, "tool_use": 150})
-    sft_steps: int = 240
+    sft_steps: int = 200
     sft_batch: int = 16
     sft_lr: float = 2e-3
     # GRPO on arithmetic
-    grpo_steps: int = 12
+    grpo_steps: int = 8
     grpo_prompts: int = 8
     grpo_generations: int = 8
     grpo_lr: float = 2e-5
     grpo_max_tokens: int = 128
     # evaluation: held-out (test split) problems per task and model
-    eval_problems: int = 64
+    eval_problems: int = 48
     eval_tasks: list = field(default_factory=lambda: ["arithmetic", "wordproblems", "tools"])
     progress: bool = True
 
@@ -365,11 +365,15 @@ def print_summary(summary: dict) -> None:
         print(f"  {stage:<9} {r['seconds']:7.1f}s  {stage_summary(stage, r)}")
     print(f"  total     {summary['seconds_all_stages']:7.1f}s of stage time "
           f"({summary['seconds_this_invocation']:.1f}s in this invocation)")
-    model = f"{run}/grpo/final"
+    trained = [s for s in ("grpo", "sft", "pretrain") if s in summary["stages"]]
+    if not trained:
+        return
+    model = f"{run}/{trained[0]}/final"
     print("\nNext:")
     print(f"  chat:   dsv32 chat --model {model}")
     print(f"  serve:  dsv32 serve --model {model}   (OpenAI-compatible API and a chat page at http://127.0.0.1:8000/)")
-    print(f"  card:   {run}/card/card.html")
+    if "card" in summary["stages"]:
+        print(f"  card:   {run}/card/card.html")
 
 
 # ---------------------------------------------------------------------- CLI
