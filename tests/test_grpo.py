@@ -83,6 +83,18 @@ def test_builtin_rewards_by_hand():
                            answer=[tool_task.answer]) == [1.0]
 
 
+def test_steps_reward_scores_the_written_arithmetic_without_the_answer():
+    from dsv32.train.rewards import steps_reward
+
+    worked = {"role": "assistant", "reasoning_content": "Compute 47 + 38.\nones: 7 + 8 + carry 0 = 15, write 5, carry 1\n"
+              "tens: 4 + 3 + carry 1 = 8, write 8, carry 0", "content": "Answer: 85"}
+    slip = {**worked, "reasoning_content": worked["reasoning_content"].replace("= 15", "= 14")}
+    comps = [[worked], [slip], [{"role": "assistant", "content": "Answer: 85"}]]
+    assert steps_reward([[]] * 3, comps) == [1.0, 0.5, 0.0]
+    (name, fn), = build_rewards(["steps"], thinking=True, max_completion_length=64, overlong_buffer=0)
+    assert name == "steps" and fn([[]], comps[:1]) == [1.0]
+
+
 def test_code_reward_runs_the_unit_tests_without_network():
     from dsv32.data.tasks import python_funcs
 
@@ -350,7 +362,7 @@ def test_r1_traces_are_thinking_mode_reasoning(tmp_path):
 
 
 def test_votes_verifiers_and_pass_at_k_by_hand():
-    from dsv32.train.ttc import equation_score, final_answer, majority_vote, pass_at_k, scaling_curve
+    from dsv32.train.ttc import equation_score, final_answer, majority_vote, pass_at_k, scaling_curve  # noqa: F401
 
     assert majority_vote(["3", None, "4", "4", "3"]) == 0       # tie 2-2: the answer seen first
     assert majority_vote(["3", "4", "4"]) == 1 and majority_vote([None, None]) is None

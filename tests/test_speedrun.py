@@ -57,6 +57,7 @@ def test_every_stage_finishes_and_records_its_metric(finished_run):
     assert all(0.0 <= v <= 1.0 for v in sft["accuracy_sft"].values())
     grpo = summary["stages"]["grpo"]
     assert 0.0 <= grpo["accuracy_sft"] <= 1.0 and 0.0 <= grpo["accuracy_grpo"] <= 1.0
+    assert set(grpo["reward_trend"]) == {"total", "accuracy", "steps", "format"}   # each reward's first/second half
     for stage in ("pretrain", "sft", "grpo"):
         assert (run / stage / "final" / "config.json").exists()
         results = summary["stages"]["eval"]["results"][stage]
@@ -103,6 +104,7 @@ def test_card_reports_architecture_stages_curves_and_evaluation(finished_run):
     assert page.count("src='data:image/png;base64,") == len(images)
     assert not re.search(r"(src|href)=['\"]?(https?:|//)", page)
     assert "dsv32 speedrun --preset nano" in md and "--set" in md
+    assert "training reward `steps`" in md and "1 x accuracy + 0.5 x steps + 0.2 x format" in md
 
 
 def test_card_of_a_single_training_run(finished_run, tmp_path):

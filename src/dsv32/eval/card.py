@@ -197,10 +197,13 @@ def stages_section(run: Path, stages: dict, settings: dict) -> list[Block]:
                          _pct(r["accuracy_base"].get(task)), _pct(r["accuracy_sft"][task]), f"{r['seconds']:.0f}s"])
     if "grpo" in stages:
         r = stages["grpo"]
-        rows.append(["grpo", "verifiable reward (accuracy + format)", "held-out arithmetic accuracy (greedy)",
+        s = r.get("settings", {})
+        rewards = " + ".join(f"{w:g} x {n}" for n, w in zip(s.get("rewards", []), s.get("reward_weights", [])))
+        rows.append(["grpo", f"verifiable rewards ({rewards or 'task default'})", "held-out arithmetic accuracy (greedy)",
                      _pct(r["accuracy_sft"]), _pct(r["accuracy_grpo"]), f"{r['seconds']:.0f}s"])
-        rows.append(["grpo", "", "mean training reward, first vs second half", _num(r["reward_first_half"]),
-                     _num(r["reward_second_half"]), ""])
+        for name, (first, second) in r.get("reward_trend", {}).items():
+            rows.append(["grpo", "", f"training reward `{name}`, first vs second half of the steps", _num(first),
+                         _num(second), ""])
     blocks.append(Block("table", rows=rows))
     for stage, title in (("pretrain", "Pretraining"), ("sft", "Supervised fine-tuning"), ("grpo", "GRPO")):
         if stage not in stages:

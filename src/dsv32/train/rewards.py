@@ -23,7 +23,8 @@ python unit tests in a subprocess with time/memory limits, no network and no chi
 tool call that yields the right result), format
 (a finished completion with closed reasoning and the shape the task asks for), tool_call (a
 well-formed call of a declared tool with JSON-object arguments), length (DAPO's soft overlong
-punishment). A user function is named `module:function` or `path/to/file.py:function`.
+punishment), steps (a process reward: the share of the arithmetic equations written in the reply that
+are true, each re-computed with the calculator tool; it never sees the reference answer). A user function is named `module:function` or `path/to/file.py:function`.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from pathlib import Path
 from dsv32.tokenizer import THINK_END
 
 RewardFn = Callable[..., list]
-BUILTIN_REWARDS = ("accuracy", "format", "tool_call", "length")
+BUILTIN_REWARDS = ("accuracy", "format", "tool_call", "length", "steps")
 
 
 def _content(completion) -> str:
@@ -185,6 +186,45 @@ def make_format_reward(thinking: bool) -> RewardFn:
     return format_reward
 
 
+# ---------------------------------------------------------------------- worked steps
+_EQUATION = re.compile(r"(-?\d+(?:\.\d+)?(?:\s*[-+*/]\s*-?\d+(?:\.\d+)?)+)\s*=\s*(-?\d+(?:\.\d+)?)")
+
+
+def equation_score(text: str) -> tuple[int, int]:
+    """(correct, total) over the arithmetic equations written in `text`; connective words of the worked
+    solutions ("carry", "borrow", "(tens)") are dropped first so "2 + 4 + carry 0 = 6" is checked."""
+    from dsv32.data.tasks.tools import ToolError, calculator
+
+    cleaned = re.sub(r"\((?:[a-z-]+|10\^\d+)\)", " ", text)
+    cleaned = re.sub(r"\b(carry|borrow)\b", " ", cleaned)
+    correct = total = 0
+    for lhs, rhs in _EQUATION.findall(cleaned):
+        total += 1
+        try:
+            value = calculator(lhs)
+        except ToolError:
+            continue
+        try:
+            correct += math.isclose(float(value), float(rhs), rel_tol=0, abs_tol=1e-6)
+        except ValueError:
+            pass
+    return correct, total
+
+
+
+def steps_reward(prompts, completions, **kwargs) -> list[float]:
+    """The share of the equations written in the reasoning and reply that are true ("7 + 5 + carry 0 =
+    12", "47 * 3 = 141"): a dense signal where the final answer alone is rarely right yet. A reply with
+    no equation scores 0. Writing extra true equations earns nothing once each worked line is right, and
+    the accuracy reward still decides which replies win; weight it below accuracy."""
+    out = []
+    for completion in completions:
+        message = _message(completion)
+        correct, total = equation_score((message.get("reasoning_content") or "") + "\n" + (message.get("content") or ""))
+        out.append(correct / total if total else 0.0)
+    return out
+
+
 # ---------------------------------------------------------------------- tool calls
 def tool_call_reward(prompts, completions, task=None, **kwargs) -> list[float | None]:
     """For prompts that declare tools: 1.0 when every tool call names a declared tool and carries a
@@ -283,6 +323,8 @@ def build_rewards(specs: list[str], *, thinking: bool, max_completion_length: in
             fn = tool_call_reward
         elif spec == "length":
             fn = make_length_reward(max_completion_length, overlong_buffer)
+        elif spec == "steps":
+            fn = steps_reward
         else:
             fn = load_reward(spec)
         out.append((reward_name(spec), fn))

@@ -21,7 +21,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from dsv32.train.rewards import accuracy_reward, make_format_reward
+from dsv32.train.rewards import accuracy_reward, equation_score, make_format_reward
 
 VERIFIERS = ("auto", "steps", "tests", "logprob")
 
@@ -63,30 +63,6 @@ def majority_vote(answers: list[str | None]) -> int | None:
         if a is not None and counts[a] == best:
             return i
     return None
-
-
-_EQUATION = re.compile(r"(-?\d+(?:\.\d+)?(?:\s*[-+*/]\s*-?\d+(?:\.\d+)?)+)\s*=\s*(-?\d+(?:\.\d+)?)")
-
-
-def equation_score(text: str) -> tuple[int, int]:
-    """(correct, total) over the arithmetic equations written in `text`; connective words of the worked
-    solutions ("carry", "borrow", "(tens)") are dropped first so "2 + 4 + carry 0 = 6" is checked."""
-    from dsv32.data.tasks.tools import ToolError, calculator
-
-    cleaned = re.sub(r"\((?:[a-z-]+|10\^\d+)\)", " ", text)
-    cleaned = re.sub(r"\b(carry|borrow)\b", " ", cleaned)
-    correct = total = 0
-    for lhs, rhs in _EQUATION.findall(cleaned):
-        total += 1
-        try:
-            value = calculator(lhs)
-        except ToolError:
-            continue
-        try:
-            correct += math.isclose(float(value), float(rhs), rel_tol=0, abs_tol=1e-6)
-        except ValueError:
-            pass
-    return correct, total
 
 
 def verifier_score(verifier: str, sample: dict, task) -> tuple:
