@@ -3,6 +3,7 @@ import io
 import os
 import pty
 import select
+import signal
 import sys
 import time
 
@@ -174,6 +175,9 @@ def test_chat_in_a_terminal_dims_reasoning_and_exits_on_ctrl_c(ckpt):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     pid, fd = pty.fork()
     if pid == 0:  # the child: exec the CLI with the pty as its controlling terminal
+        # a user's shell starts programs with SIGINT at its default; an ignored SIGINT would be inherited
+        # through exec and Python would then leave it ignored
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execve(sys.executable, argv, env)
     try:
         _read_until(fd, b"> ", timeout=120)
@@ -183,7 +187,7 @@ def test_chat_in_a_terminal_dims_reasoning_and_exits_on_ctrl_c(ckpt):
         # Ctrl-C at the prompt. CPython's readline loop can miss a SIGINT that lands between printing the
         # prompt and entering its select() (the flag is only checked when select is interrupted), so a
         # user's first Ctrl-C may need a second one; the test presses again every 5 s, as a user would.
-        end, next_press = time.monotonic() + 60, 0.0
+        end, next_press, seen = time.monotonic() + 60, 0.0, b""
         while True:
             if time.monotonic() >= next_press:
                 os.write(fd, b"\x03")
@@ -191,8 +195,8 @@ def test_chat_in_a_terminal_dims_reasoning_and_exits_on_ctrl_c(ckpt):
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
                 break
-            assert time.monotonic() < end, "chat did not exit after Ctrl-C"
-            _drain(fd)
+            assert time.monotonic() < end, f"chat did not exit after Ctrl-C; it printed {seen[-400:]!r}"
+            seen += _drain(fd)
             time.sleep(0.05)
         assert os.waitstatus_to_exitcode(status) == 0
         pid = 0
@@ -203,13 +207,17 @@ def test_chat_in_a_terminal_dims_reasoning_and_exits_on_ctrl_c(ckpt):
         os.close(fd)
 
 
-def _drain(fd) -> None:
+def _drain(fd) -> bytes:
+    out = b""
     while select.select([fd], [], [], 0)[0]:
         try:
-            if not os.read(fd, 4096):
-                return
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return out
+            out += chunk
         except OSError:
-            return
+            return out
+    return out
 
 
 def test_generate_serves_an_fp8_checkpoint_by_dequantising(tmp_path, capsys):
