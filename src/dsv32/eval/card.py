@@ -84,7 +84,8 @@ def render_html(blocks: list[Block], title: str) -> str:
         elif b.kind == "table":
             header, *body = b.rows
             out.append("<table><thead><tr>" + "".join(f"<th>{esc(str(h))}</th>" for h in header) + "</tr></thead><tbody>"
-                       + "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in body)
+                       + "".join("<tr>" + "".join(f"<td>{_inline_code(esc(str(c)))}</td>" for c in row) + "</tr>"
+                                 for row in body)
                        + "</tbody></table>")
         elif b.kind == "image":
             data = base64.b64encode(b.path.read_bytes()).decode("ascii")
