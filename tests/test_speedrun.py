@@ -105,6 +105,7 @@ def test_card_reports_architecture_stages_curves_and_evaluation(finished_run):
     assert not re.search(r"(src|href)=['\"]?(https?:|//)", page)
     assert "dsv32 speedrun --preset nano" in md and "--set" in md
     assert "training reward `steps`" in md and "1 x accuracy + 0.5 x steps + 0.2 x format" in md
+    assert "training reward <code>steps</code>" in page   # inline code rendered in HTML table cells too
 
 
 def test_card_of_a_single_training_run(finished_run, tmp_path):
