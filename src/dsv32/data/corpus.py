@@ -89,9 +89,14 @@ def stdlib_documents(split: str = "train", validation_fraction: float = 0.05, li
             return
 
 
-def _jsonl_documents(path: Path) -> Iterator[tuple[str, Document]]:
-    """(split key, document) per line; every error names the file and line."""
-    with path.open(encoding="utf-8") as handle:
+def jsonl_objects(path: str | Path, what: str = "a JSON object") -> Iterator[tuple[str, dict]]:
+    """("file:line", object) for every non-blank line of a .jsonl (or .jsonl.gz) file; a line that is
+    not JSON, or not an object (`what` says which fields it should have), fails naming file and line."""
+    import gzip
+
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
         for lineno, line in enumerate(handle, 1):
             where = f"{path}:{lineno}"
             if not line.strip():
@@ -101,17 +106,23 @@ def _jsonl_documents(path: Path) -> Iterator[tuple[str, Document]]:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object with a 'text' or 'messages' field")
-            if isinstance(record.get("text"), str):
-                yield record["text"], Document(source=where, text=record["text"])
-            elif isinstance(record.get("messages"), list) and record["messages"]:
-                messages = record["messages"]
-                if not all(isinstance(m, dict) and "role" in m for m in messages):
-                    raise ValueError(f"{where}: every message needs a 'role'")
-                key = json.dumps(messages, sort_keys=True, ensure_ascii=False)
-                yield key, Document(source=where, messages=messages)
-            else:
-                raise ValueError(f"{where}: expected a string 'text' field or a non-empty 'messages' list")
+                raise ValueError(f"{where}: expected {what}")
+            yield where, record
+
+
+def _jsonl_documents(path: Path) -> Iterator[tuple[str, Document]]:
+    """(split key, document) per line; every error names the file and line."""
+    for where, record in jsonl_objects(path, "a JSON object with a 'text' or 'messages' field"):
+        if isinstance(record.get("text"), str):
+            yield record["text"], Document(source=where, text=record["text"])
+        elif isinstance(record.get("messages"), list) and record["messages"]:
+            messages = record["messages"]
+            if not all(isinstance(m, dict) and "role" in m for m in messages):
+                raise ValueError(f"{where}: every message needs a 'role'")
+            key = json.dumps(messages, sort_keys=True, ensure_ascii=False)
+            yield key, Document(source=where, messages=messages)
+        else:
+            raise ValueError(f"{where}: expected a string 'text' field or a non-empty 'messages' list")
 
 
 def user_documents(path: str | Path, split: str = "train", validation_fraction: float = 0.05) -> Iterator[Document]:

@@ -13,8 +13,6 @@ memory limits, no network, no child processes). A runaway or a forbidden call is
 """
 from __future__ import annotations
 
-import gzip
-import json
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -30,22 +28,12 @@ HUMANEVAL_TIMEOUT_S = 5.0
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """Every JSON object of a .jsonl or .jsonl.gz file; errors name the file and line."""
+    from dsv32.data.corpus import jsonl_objects
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object")
-            rows.append(row)
+    rows = [row for _, row in jsonl_objects(path)]
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows

@@ -15,7 +15,6 @@ expanded); `sampling/logp_diff_*` in the metrics measures that difference on eve
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,36 +38,28 @@ class Prompt:
 
 
 def _jsonl_prompts(path: Path) -> list[Prompt]:
+    from dsv32.data.corpus import jsonl_objects
+
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object with 'prompt' or 'messages'")
-            if isinstance(row.get("prompt"), str) and row["prompt"]:
-                messages = [{"role": "user", "content": row["prompt"]}]
-                if row.get("system") is not None or row.get("tools"):
-                    system = {"role": "system", "content": row.get("system") or ""}
-                    if row.get("tools"):
-                        system["tools"] = row["tools"]
-                    messages.insert(0, system)
-            elif isinstance(row.get("messages"), list) and row["messages"]:
-                messages = row["messages"]
-                if not all(isinstance(m, dict) and "role" in m for m in messages):
-                    raise ValueError(f"{where}: every message needs a 'role'")
-                if messages[-1]["role"] not in ("user", "tool"):
-                    raise ValueError(f"{where}: the prompt messages must end with a user (or tool) turn")
-            else:
-                raise ValueError(f"{where}: expected a non-empty 'prompt' string or 'messages' list")
-            answer = row.get("answer")
-            columns = {k: v for k, v in row.items() if k not in ("prompt", "messages", "system", "tools", "answer")}
-            prompts.append(Prompt(messages, row, None if answer is None else str(answer), columns))
+    for where, row in jsonl_objects(path, "a JSON object with 'prompt' or 'messages'"):
+        if isinstance(row.get("prompt"), str) and row["prompt"]:
+            messages = [{"role": "user", "content": row["prompt"]}]
+            if row.get("system") is not None or row.get("tools"):
+                system = {"role": "system", "content": row.get("system") or ""}
+                if row.get("tools"):
+                    system["tools"] = row["tools"]
+                messages.insert(0, system)
+        elif isinstance(row.get("messages"), list) and row["messages"]:
+            messages = row["messages"]
+            if not all(isinstance(m, dict) and "role" in m for m in messages):
+                raise ValueError(f"{where}: every message needs a 'role'")
+            if messages[-1]["role"] not in ("user", "tool"):
+                raise ValueError(f"{where}: the prompt messages must end with a user (or tool) turn")
+        else:
+            raise ValueError(f"{where}: expected a non-empty 'prompt' string or 'messages' list")
+        answer = row.get("answer")
+        columns = {k: v for k, v in row.items() if k not in ("prompt", "messages", "system", "tools", "answer")}
+        prompts.append(Prompt(messages, row, None if answer is None else str(answer), columns))
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts
