@@ -38,7 +38,7 @@ from dsv32.train.optim import build_optimizer, build_scheduler
 from dsv32.train.rewards import BUILTIN_REWARDS, build_rewards, compute_rewards
 from dsv32.train.rollout import (MicroBatch, OldPolicy, Prompt, completion_logits, generate, load_prompts,
                                  make_micro_batch, sampling_params, score_old_policy)
-from dsv32.train.state import Checkpointing
+from dsv32.train.state import ResumableTrainer
 
 DEFAULT_REWARDS = {"tool_use": ["accuracy", "tool_call", "format", "length"]}
 FALLBACK_REWARDS = ["accuracy", "format", "length"]
@@ -168,7 +168,7 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
-class GRPOTrainer(Checkpointing):
+class GRPOTrainer(ResumableTrainer):
     def __init__(self, cfg: GRPOConfig):
         from dsv32.checkpoint import load_pretrained
         from dsv32.infer.engine import Engine
@@ -430,7 +430,7 @@ class GRPOTrainer(Checkpointing):
             self.model.train()
         return {"val_accuracy": result["accuracy"], "val_format": result["format_ok"]}
 
-    # ------------------------------------------------------------------ checkpoints (state.Checkpointing)
+    # ------------------------------------------------------------------ checkpoints (state.ResumableTrainer)
     def _extra_state(self) -> dict:
         return {"rng_cpu": torch.get_rng_state(), "grpo_config": dataclasses.asdict(self.cfg)}
 
@@ -450,30 +450,7 @@ class GRPOTrainer(Checkpointing):
         _write_json(self.run_dir / "config.json", {"grpo": dataclasses.asdict(cfg), "model": self.model.config.to_dict()})
         if self.step == 0:
             self.metrics.write({"step": 0, **self.evaluate()})
-        progress = None
-        if cfg.progress:
-            from tqdm import tqdm
-
-            progress = tqdm(total=cfg.steps, initial=self.step, desc="grpo", unit="step", dynamic_ncols=True)
-        last: dict = {}
-        while self.step < cfg.steps:
-            record = self.train_step()
-            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                record.update(self.evaluate())
-            self.metrics.write(record)
-            last = record
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix({k: f"{record[k]:.3f}" for k in ("reward", "val_accuracy") if k in record})
-            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
-                self.save_checkpoint()
-            if cfg.stop_after is not None and self.step >= cfg.stop_after:
-                break
-        if progress is not None:
-            progress.close()
-        if self.step == cfg.steps:
-            self.finish()
-        return last
+        return self.run_steps("grpo", ("reward", "val_accuracy"))
 
     def finish(self) -> Path:
         from dsv32.checkpoint import save_pretrained

@@ -30,7 +30,7 @@ from dsv32.train.balance import BiasBalancer
 from dsv32.train.metrics import MetricsLog, measure_matmul_peak, plot_run, training_flops_per_token
 from dsv32.train.optim import build_optimizer, build_scheduler
 from dsv32.train.config import TrainConfig
-from dsv32.train.state import Checkpointing
+from dsv32.train.state import ResumableTrainer
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -93,7 +93,7 @@ def mtp_labels(labels: torch.Tensor, doc_ids: torch.Tensor, depth: int) -> torch
 
 
 # ---------------------------------------------------------------------- the trainer
-class Trainer(Checkpointing):
+class Trainer(ResumableTrainer):
     def __init__(self, cfg: TrainConfig, model_config: ModelConfig | None = None):
         self.cfg = cfg.validate()
         self.dist = dist_utils.init_distributed()
@@ -270,7 +270,7 @@ class Trainer(Checkpointing):
         totals = dist_utils.all_reduce_sum(totals)
         return {f"val_{k}": v for k, v in loss_metrics(totals).items()}
 
-    # ----- checkpoints (save_checkpoint / resume: state.Checkpointing) -----
+    # ----- checkpoints (save_checkpoint / resume: state.ResumableTrainer) -----
     def _extra_state(self) -> dict:
         return {"loader": self.train_loader.state_dict(), "rng_cpu": torch.get_rng_state().tolist(),
                 "rng_cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
@@ -293,31 +293,8 @@ class Trainer(Checkpointing):
         if resume and not self.resume() and self.is_main:
             print(f"no checkpoint in {self.run_dir / 'checkpoints'}: starting from step 0")
         self.write_resolved_config()
-        progress = None
-        if cfg.progress and self.is_main:
-            from tqdm import tqdm
-
-            progress = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.stage}", unit="step", dynamic_ncols=True)
-        last = {}
-        while self.step < cfg.steps:
-            record = self.train_step()
-            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                record.update(self.evaluate())
-            if self.step % cfg.log_every == 0 or "val_loss" in record:
-                self.metrics.write(record)
-            last = record
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix({k: f"{record[k]:.3f}" for k in ("loss", "val_loss") if k in record})
-            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
-                self.save_checkpoint()
-            if cfg.stop_after is not None and self.step >= cfg.stop_after:
-                break
-        if progress is not None:
-            progress.close()
-        if self.step == cfg.steps:
-            self.finish()
-        return last
+        return self.run_steps(cfg.stage, ("loss", "val_loss"),
+                              should_log=lambda r: self.step % cfg.log_every == 0 or "val_loss" in r)
 
     def finish(self) -> Path | None:
         """Export the final weights in the Hugging Face layout with a lineage manifest, and plot."""

@@ -296,10 +296,13 @@ def load_train_state(
     return int(record["step"]), record["extra"]
 
 
-class Checkpointing:
-    """`save_checkpoint()` / `resume()` for a trainer that has `run_dir`, `step`, `model`, `optimizer`,
-    `scheduler`, `metrics` and `cfg.keep_last`; it adds what else it keeps through `_extra_state()`
-    (saved beside the model and optimizer) and `_restore_extra(extra)`."""
+class ResumableTrainer:
+    """The step loop, `save_checkpoint()` and `resume()` shared by the pretrain/SFT and GRPO trainers.
+
+    The trainer has `run_dir`, `step`, `model`, `optimizer`, `scheduler`, `metrics` and a `cfg` with
+    steps, eval_every, ckpt_every, keep_last, stop_after and progress; it implements `train_step()`,
+    `evaluate()` and `finish()`, and adds what else it keeps through `_extra_state()` (saved beside
+    the model and optimizer) and `_restore_extra(extra)`."""
 
     def _extra_state(self) -> dict:
         return {}
@@ -322,3 +325,33 @@ class Checkpointing:
         self._restore_extra(extra)
         self.metrics.truncate_after(self.step)
         return True
+
+    def run_steps(self, desc: str, shown: tuple[str, ...], should_log=lambda record: True) -> dict:
+        """Train to `cfg.steps` (or `cfg.stop_after`): evaluate, log, checkpoint on schedule, then
+        `finish()` when the last step is done. Returns the last step's record."""
+        cfg = self.cfg
+        progress = None
+        if cfg.progress and getattr(self, "is_main", True):
+            from tqdm import tqdm
+
+            progress = tqdm(total=cfg.steps, initial=self.step, desc=desc, unit="step", dynamic_ncols=True)
+        last: dict = {}
+        while self.step < cfg.steps:
+            record = self.train_step()
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                record.update(self.evaluate())
+            if should_log(record):
+                self.metrics.write(record)
+            last = record
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix({k: f"{record[k]:.3f}" for k in shown if k in record})
+            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                self.save_checkpoint()
+            if cfg.stop_after is not None and self.step >= cfg.stop_after:
+                break
+        if progress is not None:
+            progress.close()
+        if self.step == cfg.steps:
+            self.finish()
+        return last
