@@ -180,13 +180,13 @@ def test_two_ranks_generate_what_one_process_generates(tmp_path):
         jobs[name] = (ckpt, prompts, runs)
     results = str(tmp_path / "tokens.pt")
     mp.spawn(_worker, args=(free_port(), _greedy_runs, (jobs, results)), nprocs=WORLD, join=True)
-    got = torch.load(results)
+    got = torch.load(results, weights_only=True)
     for name, (_, _, runs) in jobs.items():
         assert len(got[name]) == len(runs)
         for (placement, speculative), tokens in zip(runs, got[name]):
             assert tokens == expected[name], (name, "speculative" if speculative else "", placement)
     for rank in range(WORLD):  # what each rank had loaded: replicated + (total - replicated) / N
-        assert torch.load(f"{results}.bytes{rank}") == share, rank
+        assert torch.load(f"{results}.bytes{rank}", weights_only=True) == share, rank
 
 
 # ---------------------------------------------------------------------- the CLI under torchrun
