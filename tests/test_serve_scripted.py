@@ -4,8 +4,9 @@ standing in for the model (its completions are fixed by the prompt).
 
 Covers: tool_choice auto with parallel calls (streaming deltas, the openai client's own stream
 accumulator, non-streaming equality), the thinking agent loop (reasoning -> calls -> results ->
-reasoning -> answer, each part in its field), tool_choice none, malformed markup, n > 1 streams,
-an engine failure after the stream started (error event + [DONE]), and 503 when the queue is full.
+reasoning -> answer, each part in its field), tool_choice none, a named call's string argument,
+malformed markup, n > 1 streams, an engine failure after the stream started (error event + [DONE]),
+and 503 when the queue is full.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ EXPECTED_CALLS = [("get_weather", {"city": "杭州 (Hangzhou)", "days": 3}), ("g
 
 def script(prompt: str) -> str:
     """The scripted model: what it 'writes' after each kind of prompt."""
+    if prompt.endswith('<｜DSML｜parameter name="tz" string="true">'):  # constrained: the raw string argument
+        return f"Asia/Tokyo</{D}parameter>\n</{D}invoke>\n</{D}function_calls>"
     thinking = prompt.endswith("<think>")
     last = prompt.rsplit("<｜User｜>", 1)[-1]
     if "</function_results>" in last:
@@ -129,6 +132,16 @@ def test_tool_choice_none_and_malformed_markup(client):
     bad = client.chat.completions.create(model="scripted", messages=user("broken"), tools=TOOLS)
     assert bad.choices[0].finish_reason == "stop" and bad.choices[0].message.tool_calls is None
     assert "oops" in bad.choices[0].message.content  # never tool_calls with an empty list
+
+
+def test_named_call_string_argument_ends_at_its_closing_tag(client):
+    """tool_choice named: the server writes the tags, the model only the raw string value, which
+    ends where the model starts the closing `</｜DSML｜parameter>` (not inside it)."""
+    r = client.chat.completions.create(model="scripted", messages=user("time?"), tools=TOOLS,
+                                       tool_choice={"type": "function", "function": {"name": "get_time"}})
+    calls = r.choices[0].message.tool_calls
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("get_time", {"tz": "Asia/Tokyo"})]
+    assert r.choices[0].finish_reason == "tool_calls"
 
 
 def test_n_streams_interleave_by_index(server):

@@ -38,8 +38,10 @@ BLOCK_CLOSE = f"\n</{DSML}function_calls>"
 INVOKE_OPEN = f'<{DSML}invoke name="'
 INVOKE_CLOSE = f"</{DSML}invoke>"
 PARAM_CLOSE = f"</{DSML}parameter>"
-# where the raw text of a string argument must end (its closing tag, or any markup the model starts)
-STRING_VALUE_STOPS = [DSML, "</parameter", "</invoke", "</function_calls", "<parameter", "<invoke"]
+# where the raw text of a string argument must end: its closing tag or any markup the model starts,
+# from the tag's "<" or "</" (the engine cuts at the earliest match; DSML alone would leave "</" in the value)
+STRING_VALUE_STOPS = [f"</{DSML}", f"<{DSML}", DSML, "</parameter", "</invoke", "</function_calls", "<parameter",
+                      "<invoke"]
 MAX_PARALLEL_CALLS = 8
 
 
@@ -170,13 +172,29 @@ class Program:
             last = out
         if isinstance(last.stop_reason, str):
             # the engine cut the text at the stop string; the tokens that spelled it are dropped
-            self.ids += self.tok.encode(text, allow_special=True)
+            self.ids += self._ids_of_prefix(ids, text)
             return text, "stop"
         if last.finish_reason == FINISH_STOP:  # a stop token (EOS): not part of the output
             self.ids += [t for t in ids if t not in self.ctx.eos_ids]
             return text, "eos"
         self.ids += ids
         return text, "length"
+
+    def _ids_of_prefix(self, ids: list[int], text: str) -> list[int]:
+        """Tokens for `text`, a prefix of what `ids` spell (cut at a stop string): the model's own
+        tokens as far as they spell a prefix of it, then the rest (part of one token) re-encoded.
+        Re-encoding all of it could take more tokens than were generated (e.g. bytes that are not
+        UTF-8, which the text holds as U+FFFD) and overrun the budget."""
+        data, kept, spelled_len = b"", 0, 0
+        for k, token in enumerate(ids, 1):
+            data += self.tok.token_bytes(token)
+            spelled = data.decode("utf-8", "replace")
+            if text.startswith(spelled):
+                kept, spelled_len = k, len(spelled)
+            elif len(spelled) > len(text) + 1:  # past the cut (+1: a trailing partial character)
+                break
+        rest = text[spelled_len:]
+        return list(ids[:kept]) + (self.tok.encode(rest, allow_special=True) if rest else [])
 
     def _candidate_text(self, token: int) -> str | None:
         """The text `token` adds, "\\u00e9" for bytes that start a character, None if invalid."""
@@ -286,7 +304,8 @@ class Program:
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer
                 self._queue.put_nowait(exc)
                 return
-            usage = Usage(len(self.prompt), len(self.ids), self.cached_tokens or 0)
+            # the first engine request's prompt already held forced markup: count only the request's prompt
+            usage = Usage(len(self.prompt), len(self.ids), min(self.cached_tokens or 0, len(self.prompt)))
             self._queue.put_nowait(RequestOutput(self.request_id, [], "", finished=True,
                                                  finish_reason=reason, usage=usage))
 
