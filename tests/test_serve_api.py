@@ -1,7 +1,8 @@
 """The OpenAI-compatible server end to end: a real `dsv32 serve` process on 127.0.0.1 (ephemeral
 port) with a nano checkpoint, driven by the official `openai` client and by raw HTTP.
 
-Covers: models, chat (plain, streaming, logprobs, n, seed, stop), tool calls constrained by
+Covers: models, chat (plain, streaming, logprobs, n, seed, stop, max_completion_tokens, top_k / top_p /
+min_p, penalties checked against the model itself), tool calls constrained by
 tool_choice required / named with a full round trip in chat and thinking modes, JSON response
 formats, completions in every prompt form with echo + logprobs checked against the model itself,
 the tokenizer routes, /metrics, a disconnecting streaming client, 64 concurrent streaming clients
@@ -136,6 +137,55 @@ def test_chat_n_seed_stop_logprobs(client):
         assert isinstance(e.bytes, list)
 
 
+def _generated_ids(client, **kwargs) -> list[int]:
+    """The token ids of a 16-token chat completion (EOS ignored), from its logprobs."""
+    extra = {"ignore_eos": True, "return_tokens_as_token_ids": True, **kwargs.pop("extra_body", {})}
+    r = client.chat.completions.create(model=MODEL, messages=user("Sample this"), max_tokens=16, logprobs=True,
+                                       extra_body=extra, **kwargs)
+    return [int(e.token.removeprefix("token_id:")) for e in r.choices[0].logprobs.content]
+
+
+def test_truncation_parameters_reach_the_sampler(client):
+    """top_k 1, a tiny top_p and min_p 1 each leave only the most likely token: sampling at the
+    hottest temperature then gives exactly the greedy output (which plain hot sampling does not)."""
+    greedy = _generated_ids(client, temperature=0)
+    assert _generated_ids(client, temperature=2.0, seed=1) != greedy
+    for only_the_best in ({"top_p": 1e-6}, {"extra_body": {"top_k": 1}}, {"extra_body": {"min_p": 1.0}}):
+        assert _generated_ids(client, temperature=2.0, seed=1, **only_the_best) == greedy, only_the_best
+
+
+@pytest.mark.parametrize("penalties", [{"frequency_penalty": 1.5}, {"presence_penalty": 2.0},
+                                       {"repetition_penalty": 1.8}], ids=lambda p: next(iter(p)))
+def test_penalties_follow_their_definitions(client, http, model_dir, penalties):
+    """Greedy decoding under a penalty picks, at every step, the best token of the model's logits
+    penalised as defined: OpenAI's presence/frequency over the generated tokens, CTRL's repetition
+    over prompt and generated tokens. Checked against the model run here."""
+    greedy = _generated_ids(client, temperature=0)
+    assert len(set(greedy)) < len(greedy)  # the plain output repeats itself, so the penalty must matter
+    got = _generated_ids(client, temperature=0, extra_body=penalties)
+    assert got != greedy
+    prompt = http.post("/tokenize", json={"messages": user("Sample this")}).json()["tokens"]
+    model = load_pretrained(model_dir)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + got])).logits[0].float()
+    for i, token in enumerate(got):
+        row = logits[len(prompt) + i - 1].clone()
+        counts = torch.bincount(torch.tensor(got[:i], dtype=torch.long), minlength=row.numel()).float()
+        if "repetition_penalty" in penalties:
+            r = penalties["repetition_penalty"]
+            seen = counts > 0
+            seen[prompt] = True
+            row = torch.where(seen, torch.where(row > 0, row / r, row * r), row)
+        row -= penalties.get("frequency_penalty", 0.0) * counts + penalties.get("presence_penalty", 0.0) * (counts > 0)
+        assert row[token] >= row.max() - 1e-4, (i, token, int(row.argmax()))
+
+
+def test_max_completion_tokens_wins_over_max_tokens(client):
+    r = client.chat.completions.create(model=MODEL, messages=user("Count"), max_tokens=9, max_completion_tokens=3,
+                                       temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+
+
 # ---------------------------------------------------------------------- tools
 def _check_call(call, allowed=("get_weather", "get_time")):
     assert call.type == "function" and call.id.startswith("call_")
@@ -212,6 +262,26 @@ def test_required_parallel_calls_are_indexed(client):
     assert len(single.choices[0].message.tool_calls) == 1
 
 
+def test_required_calls_are_complete_and_within_budget(client):
+    """Across seeds, tool_choice "required" stays inside max_tokens, and unless the budget ran out
+    the answer is a finished block of well-formed calls. (A string argument cut at its closing tag
+    used to be re-encoded into more tokens than the model generated, overrunning the budget and
+    leaving the block unfinished: no tool call at all.)"""
+    counts = []
+    for seed in range(6):
+        r = client.chat.completions.create(model=MODEL, messages=user("Weather and time?"), tools=TOOLS,
+                                           tool_choice="required", max_tokens=250, temperature=1.0, seed=seed)
+        choice = r.choices[0]
+        assert r.usage.completion_tokens <= 250, seed
+        assert r.usage.prompt_tokens_details.cached_tokens <= r.usage.prompt_tokens, seed
+        if choice.finish_reason != "length":
+            assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, seed
+        for call in choice.message.tool_calls or []:
+            _check_call(call)
+        counts.append(len(choice.message.tool_calls or []))
+    assert max(counts) >= 2  # required may also call several tools at once
+
+
 def test_tool_choice_none_gives_text(client):
     r = client.chat.completions.create(model=MODEL, messages=user("Weather?"), tools=TOOLS, tool_choice="none",
                                        max_tokens=10, temperature=0)
@@ -270,6 +340,11 @@ def test_completions_prompt_forms(client):
     seeded = [client.completions.create(model=MODEL, prompt="x = ", max_tokens=8, temperature=1.0, seed=42).choices[0].text
               for _ in range(2)]
     assert seeded[0] == seeded[1]
+    text = one.choices[0].text
+    stop = text[1:3]
+    assert stop.strip() and stop in text
+    cut = client.completions.create(model=MODEL, prompt="def main():", max_tokens=5, temperature=0, stop=[stop])
+    assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
     echo = client.completions.create(model=MODEL, prompt="class A:", max_tokens=4, temperature=0, echo=True)
     assert echo.choices[0].text.startswith("class A:")
     stream = list(client.completions.create(model=MODEL, prompt="def main():", max_tokens=5, temperature=0,
@@ -359,6 +434,7 @@ def test_64_concurrent_streams_equal_solo_runs(server):
 
     together, alone = asyncio.run(main())
     assert all(f in ("stop", "length") for _, f in together)
+    assert len({text for text, _ in alone}) > 1  # outputs depend on the prompt: the comparison has teeth
     assert together == alone
 
 
