@@ -112,6 +112,12 @@ def test_chat_thinking_returns_reasoning_both_names(client):
     assert first.get("reasoning_content") == "" and first.get("reasoning") == ""
     streamed = "".join(c.choices[0].delta.model_extra.get("reasoning_content") or "" for c in stream if c.choices)
     assert streamed == extra["reasoning_content"]
+    # the third spelling of the switch; and thinking off gives no reasoning at all
+    for thinking in (True, False):
+        r = client.chat.completions.create(model=MODEL, messages=user("Think first"), max_tokens=12, temperature=0,
+                                           extra_body={"chat_template_kwargs": {"enable_thinking": thinking}})
+        got = r.choices[0].message.model_extra["reasoning_content"]
+        assert got == (extra["reasoning_content"] if thinking else None)
 
 
 def test_chat_n_seed_stop_logprobs(client):
@@ -371,6 +377,11 @@ def test_tokenizer_routes(server):
 
 def test_metrics(server, client):
     client.completions.create(model=MODEL, prompt="metrics", max_tokens=3, temperature=0)
+    before = metric_value(httpx.get(server.url + "/metrics", timeout=30).text, "dsv32:prefix_cache_hits_total")
+    prompt = list(range(100, 164))  # 4 cache blocks of 16 tokens
+    first, again = (client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0) for _ in range(2))
+    assert first.usage.prompt_tokens_details.cached_tokens == 0  # a prompt never seen before
+    assert again.usage.prompt_tokens_details.cached_tokens >= 48  # its full blocks come from the prefix cache
     resp = httpx.get(server.url + "/metrics", timeout=30)
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain; version=0.0.4")
     text = resp.text
@@ -383,6 +394,9 @@ def test_metrics(server, client):
     assert metric_value(text, "dsv32:generation_tokens_total") > 0
     assert metric_value(text, "dsv32:prompt_tokens_total") > 0
     assert 'layer="1",expert="0"' in text  # nano: layer 0 is dense, layers 1-2 are MoE
+    hits = metric_value(text, "dsv32:prefix_cache_hits_total")
+    assert hits - before >= again.usage.prompt_tokens_details.cached_tokens
+    assert metric_value(text, "dsv32:prefix_cache_queries_total") >= hits
 
 
 # ---------------------------------------------------------------------- load
