@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from pathlib import Path
 
 import pytest
@@ -224,6 +225,47 @@ def test_tied_embeddings_round_trip(tmp_path):
     loaded = load_pretrained(tmp_path)
     assert loaded.lm_head.weight is loaded.embed_tokens.weight
     assert_same_state(model, loaded)
+
+
+def test_load_reads_shard_by_shard_and_never_holds_the_checkpoint_twice(tmp_path, monkeypatch):
+    """Every tensor the model needs is read once, the shards one after another, and each read tensor is
+    dropped once copied into the model (at most a weight and two scales alive at any time)."""
+    save_pretrained(random_model(NANO), tmp_path, fp8=True, max_shard_bytes=20_000)
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    reads, alive, peak = [], set(), [0]
+    real_safe_open = ckpt.safe_open
+
+    class SpyOpen:  # safe_open, recording get_tensor calls and how many of their tensors are still alive
+        def __init__(self, filename, framework):
+            self.file, self.handle = Path(filename).name, real_safe_open(filename, framework=framework)
+
+        def __enter__(self):
+            self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def get_tensor(self, name):
+            tensor = self.handle.get_tensor(name)
+            reads.append((self.file, name))
+            alive.add(id(tensor))
+            weakref.finalize(tensor, alive.discard, id(tensor))
+            peak[0] = max(peak[0], len(alive))
+            return tensor
+
+    monkeypatch.setattr(ckpt, "safe_open", SpyOpen)
+    loaded = load_pretrained(tmp_path)
+    names = [name for _, name in reads]
+    copies = {t.name for t in hf_layout(NANO) if t.copy}  # the MTP's embedding / head duplicates: not needed
+    assert sorted(names) == sorted(set(written_specs(tmp_path)) - copies)  # each needed tensor exactly once
+    order = [shards.index(f) for f, name in reads if not name.endswith("_scale_inv")]
+    assert len(shards) > 2 and order == sorted(order)
+    assert peak[0] <= 3 and not alive
+    assert loaded.layers[0].self_attn.o_proj.weight.dtype == torch.float32
 
 
 def test_stale_shards_are_removed_and_tokenizer_copied(tmp_path):
