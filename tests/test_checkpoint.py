@@ -333,6 +333,12 @@ def test_fp8_round_trip_within_fp8_error(tmp_path, cfg):
         w = ours[t.key] if t.expert is None else ours[t.key][t.expert]
         w_back = back[t.key] if t.expert is None else back[t.key][t.expert]
         assert torch.equal(w_back, w.bfloat16().float() if specs[t.name][1] == "BF16" else w), t.name
+    # dequantised into the requested dtype: bf16 holds the fp32 dequantisation rounded once (the bias stays fp32)
+    low = load_pretrained(tmp_path, dtype=torch.bfloat16).state_dict()
+    assert low["layers.0.self_attn.o_proj.weight"].dtype == torch.bfloat16
+    assert low[f"layers.{cfg.num_hidden_layers - 1}.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    for k, v in low.items():
+        assert torch.equal(v, back[k].to(v.dtype)), k
 
 
 def test_fp8_partial_blocks_hand_made_scales(tmp_path):
