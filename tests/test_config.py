@@ -1,6 +1,8 @@
+import dataclasses
 import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,6 +37,22 @@ def test_meta_device_model_has_exactly_the_counted_parameters(name):
     assert time.perf_counter() - start < 1.0
     assert main == cfg.num_params()
     assert main + mtp == cfg.num_params(include_mtp=True)
+
+
+REFERENCE = next((p for p in (Path(__file__).resolve().parents[2] / "shared" / "reference" / "configs",
+                               Path("/work/shared/reference/configs")) if p.is_dir()), None)
+
+
+@pytest.mark.skipif(REFERENCE is None, reason="shared/reference/configs not found beside the clone (../shared)")
+@pytest.mark.parametrize("name, real", [("v3-671b", "hf-deepseek-v3-config.json"),
+                                        ("v3.2-671b", "hf-deepseek-v3.2-config.json")])
+def test_671b_presets_are_the_released_configs(name, real):
+    preset, released = ModelConfig.preset(name), ModelConfig.from_pretrained(REFERENCE / real)
+    # every modelled field (routing constants, RoPE, eps, quantisation, token ids...), not only the shapes;
+    # `extra` holds file metadata such as auto_map and transformers_version
+    differ = [f.name for f in dataclasses.fields(ModelConfig)
+              if f.name != "extra" and getattr(preset, f.name) != getattr(released, f.name)]
+    assert not differ, differ
 
 
 def test_small_presets_sizes():
