@@ -137,6 +137,11 @@ CALL = {"type": "function", "function": {"name": "get", "arguments": '{"city": "
     ("hello" + EOS + "junk after eos", "chat", ("hello", "", None)),
     ("ok" + CALL_BLOCK + EOS, "chat", ("ok", "", [CALL])),
     ("ok" + CALL_BLOCK, "chat", ("ok", "", [CALL])),  # missing EOS after tool calls
+    ("ok" + CALL_BLOCK[:-4], "chat", ("ok", "", [CALL])),  # cut off (max_tokens) inside the closing tag
+    ("ok" + CALL_BLOCK.removesuffix(f"\n</{DSML}function_calls>") + f'\n<{DSML}invoke name="get">\n<{DSML}param',
+     "chat", ("ok", "", [CALL])),  # cut off inside a second invoke: the complete call stands, no markup as content
+    ("ok" + CALL_BLOCK.removesuffix(f"\n</{DSML}function_calls>") + f'\n<{DSML}invoke name="get">' + EOS,
+     "chat", ("ok", "", [CALL])),  # cut off by EOS inside a second invoke: the complete call stands
     ("ok" + CALL_BLOCK.replace(DSML, ""), "chat", ("ok", "", [CALL])),  # tags without the DSML prefix
     ("ok" + CALL_BLOCK.replace(f"</{DSML}function_calls>", "") + EOS, "chat", ("ok", "", [CALL])),  # unclosed block
     ('x\n\n<function_calls>\n<invoke name="get">{"city": "Paris \\"FR\\"", "days": 3}</invoke>\n</function_calls>',

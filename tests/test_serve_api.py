@@ -269,23 +269,31 @@ def test_required_parallel_calls_are_indexed(client):
 
 
 def test_required_calls_are_complete_and_within_budget(client):
-    """Across seeds, tool_choice "required" stays inside max_tokens, and unless the budget ran out
-    the answer is a finished block of well-formed calls. (A string argument cut at its closing tag
-    used to be re-encoded into more tokens than the model generated, overrunning the budget and
-    leaving the block unfinished: no tool call at all.)"""
+    """Across seeds and budgets, tool_choice "required" stays inside max_tokens; unless the budget
+    ran out the answer is a finished block of well-formed calls, and when it ran out the unfinished
+    markup never shows up as content. (A string argument cut at its closing tag used to be
+    re-encoded into more tokens than the model generated, overrunning the budget and leaving the
+    block unfinished: no tool call, the DSML tags in `content`.)"""
     counts = []
-    for seed in range(6):
-        r = client.chat.completions.create(model=MODEL, messages=user("Weather and time?"), tools=TOOLS,
-                                           tool_choice="required", max_tokens=250, temperature=1.0, seed=seed)
-        choice = r.choices[0]
-        assert r.usage.completion_tokens <= 250, seed
-        assert r.usage.prompt_tokens_details.cached_tokens <= r.usage.prompt_tokens, seed
-        if choice.finish_reason != "length":
-            assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, seed
-        for call in choice.message.tool_calls or []:
-            _check_call(call)
-        counts.append(len(choice.message.tool_calls or []))
+    for max_tokens, seeds in ((250, range(6)), (40, range(2)), (12, range(1))):
+        for seed in seeds:
+            kwargs = dict(model=MODEL, messages=user("Weather and time?"), tools=TOOLS, tool_choice="required",
+                          max_tokens=max_tokens, temperature=1.0, seed=seed)
+            r = client.chat.completions.create(**kwargs)
+            choice = r.choices[0]
+            assert r.usage.completion_tokens <= max_tokens, seed
+            assert r.usage.prompt_tokens_details.cached_tokens <= r.usage.prompt_tokens, seed
+            assert not choice.message.content, (seed, choice.message.content)  # no markup leaks as content
+            if choice.finish_reason != "length":
+                assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, seed
+            for call in choice.message.tool_calls or []:
+                _check_call(call)
+            counts.append(len(choice.message.tool_calls or []))
     assert max(counts) >= 2  # required may also call several tools at once
+    # 12 tokens cannot hold a whole call: no tool call, no content, the block was cut short
+    assert r.choices[0].finish_reason == "length" and not r.choices[0].message.tool_calls
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
 def test_tool_choice_none_gives_text(client):

@@ -463,7 +463,8 @@ class StreamParser:
     reasoning), missing EOS, or a missing `</function_calls>` after complete calls are accepted;
     tags may lack the `｜DSML｜` prefix; an invoke body may be a JSON object. A DSML block inside
     the reasoning ends the reasoning. Malformed markup falls back to plain text of the channel it
-    interrupted; text after complete calls becomes content; text after EOS is ignored.
+    interrupted; text after complete calls becomes content, except an invoke or tag left unfinished
+    when the output ended (EOS or the end of the text), which is dropped; text after EOS is ignored.
     """
 
     def __init__(self, thinking_mode: str = "thinking", call_id: Callable[[int], str] | None = None):
@@ -595,7 +596,9 @@ class StreamParser:
             end, closer = _first_of(body, _INVOKE_CLOSERS)
             eos = body.find(EOS)
             if closer is None or (eos != -1 and eos < end):
-                return self._malformed() if final or eos != -1 else False
+                if not final and eos == -1:
+                    return False
+                return self._cut_short() if self._block_calls else self._malformed()
             match = _INVOKE_RE.fullmatch(body[: end + len(closer)])
             arguments = _arguments_json(match.group(2)) if match else None
             if arguments is None:
@@ -613,9 +616,19 @@ class StreamParser:
             return True
         if body.startswith(EOS):
             return self._malformed() if self._block_calls == 0 else self._to_tail()
-        if not final and _is_proper_prefix(body, (*_INVOKE_OPENERS, *_BLOCK_CLOSERS, EOS)):
-            return False
+        head = body.split(EOS, 1)[0]
+        if _is_proper_prefix(head, (*_INVOKE_OPENERS, *_BLOCK_CLOSERS, EOS)):
+            if not final and head == body:
+                return False  # the tag may still complete
+            if self._block_calls:
+                return self._cut_short()
         return self._malformed()
+
+    def _cut_short(self) -> bool:
+        """The output ended (EOS, or max_tokens) inside an invoke or tag after complete calls: the
+        unfinished markup is dropped, not turned into content."""
+        self._buf = ""
+        return self._to_tail()
 
     def _malformed(self) -> bool:
         """The block cannot be valid. Without complete calls it was never a block: give its text

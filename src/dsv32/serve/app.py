@@ -535,6 +535,15 @@ def _finish_parser(parser: StreamParser, out: RequestOutput) -> list[dict]:
     return tail
 
 
+def _without_leaked_markup(plan: _ChatPlan, deltas: list[dict]) -> list[dict]:
+    """tool_choice required / named: the server writes every tag itself and the model writes no
+    free content, so text the parser hands back as content is a block that max_tokens cut short.
+    Its markup must not reach the client as content."""
+    if plan.tool_mode in ("required", "named"):
+        return [d for d in deltas if "content" not in d]
+    return deltas
+
+
 def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
@@ -578,6 +587,7 @@ async def _chat_stream(state: ServerState, req: ChatCompletionRequest, plan: _Ch
             deltas = parsers[i].feed(out.text) if out.text else []
             if out.finished:
                 deltas += _finish_parser(parsers[i], out)
+            deltas = _without_leaked_markup(plan, deltas)
             lp = None
             if plan.logprobs is not None and out.logprobs:
                 lp = {"content": _chat_logprobs(state, out.logprobs, as_ids)}
@@ -623,11 +633,11 @@ async def _chat_full(state: ServerState, req: ChatCompletionRequest, plan: _Chat
     async for i, out in _merge(gens):
         completion[i] += len(out.token_ids)
         if out.text:
-            deltas[i] += parsers[i].feed(out.text)
+            deltas[i] += _without_leaked_markup(plan, parsers[i].feed(out.text))
         if plan.logprobs is not None and out.logprobs:
             logprobs[i] += _chat_logprobs(state, out.logprobs, as_ids)
         if out.finished:
-            deltas[i] += _finish_parser(parsers[i], out)
+            deltas[i] += _without_leaked_markup(plan, _finish_parser(parsers[i], out))
             finish[i] = out.finish_reason
             if out.usage is not None:
                 cached[i] = out.usage.cached_tokens
