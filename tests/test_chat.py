@@ -202,7 +202,8 @@ def _messages_text(draw):
 
 @st.composite
 def completion_and_splits(draw):
-    if draw(st.booleans()):
+    rendered = draw(st.booleans())
+    if not rendered:
         text = _messages_text(draw)
     else:  # a well-formed completion, possibly cut short
         message = draw(assistant_messages())
@@ -210,24 +211,142 @@ def completion_and_splits(draw):
                                context=[{"role": "user", "content": "q"}])
         text = text[: draw(st.integers(0, len(text)))]
     cuts = sorted(draw(st.lists(st.integers(0, len(text)), max_size=12)))
-    return text, [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    return text, [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])], rendered
+
+
+def _feed(parser: StreamParser, chunks) -> list[dict]:
+    return [d for chunk in chunks for d in parser.feed(chunk)] + parser.finish()
+
+
+def _events(deltas: list[dict]) -> list[list]:
+    """The deltas as an ordered list of runs, consecutive pieces of one kind joined: ["content",
+    text], ["reasoning_content", text], or ["call", index, name, arguments] (a call's first delta
+    has the name, its argument fragments join onto it). What chunking must not change."""
+    events: list[list] = []
+    for delta in deltas:
+        for key in ("content", "reasoning_content"):
+            if key in delta:
+                if events and events[-1][0] == key:
+                    events[-1][1] += delta[key]
+                else:
+                    events.append([key, delta[key]])
+        for call in delta.get("tool_calls", []):
+            fn = call["function"]
+            if "name" not in fn and events and events[-1][:2] == ["call", call["index"]]:
+                events[-1][3] += fn["arguments"]
+            else:
+                events.append(["call", call["index"], fn.get("name"), fn["arguments"]])
+    return events
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text, parse_constant=_no_constants), dict)
+    except ValueError:
+        return False
 
 
 @settings(max_examples=400, deadline=None)
 @given(completion_and_splits(), st.sampled_from(["thinking", "chat"]))
 def test_streaming_is_invariant_to_chunking(case, mode):
-    text, chunks = case
-    parser = StreamParser(mode)
-    deltas = [d for chunk in chunks for d in parser.feed(chunk)] + parser.finish()
+    text, chunks, rendered = case
+    deltas = _feed(StreamParser(mode), chunks)
     assembled = assemble_deltas(deltas)
-    assert assembled == parse_completion(text, mode)
+    assert assembled == parse_completion(text, mode) == assemble_deltas(_feed(StreamParser(mode), list(text)))
     assert all(v for d in deltas for v in d.values())  # no empty deltas
     for call in assembled["tool_calls"] or []:  # arguments are always a strict JSON object
         assert isinstance(json.loads(call["function"]["arguments"], parse_constant=_no_constants), dict)
 
+    # Streamed arguments: the same runs of events for any chunking, fragments included.
+    streamed = _feed(StreamParser(mode, stream_arguments=True), chunks)
+    whole = _feed(StreamParser(mode, stream_arguments=True), [text])
+    by_char = _feed(StreamParser(mode, stream_arguments=True), list(text))
+    assert _events(streamed) == _events(whole) == _events(by_char)
+    assert all(v for d in streamed for v in d.values())
+    for d in streamed:  # index on every call delta; the name (and type) only on a call's first
+        for call in d.get("tool_calls", []):
+            assert "index" in call and ("type" in call) == ("name" in call["function"])
+    # ...joining into the non-streamed result. They part only where a call was announced and its
+    # invoke then cut short or malformed: that call stands, with arguments that are not JSON.
+    got = assemble_deltas(streamed)
+    calls = got["tool_calls"] or []
+    cut = next((k for k, c in enumerate(calls) if not _is_json_object(c["function"]["arguments"])), None)
+    if cut is None:
+        assert got == assembled
+    else:
+        assert calls[:cut] == (assembled["tool_calls"] or [])[:cut]
+    # Arguments really stream: fed a character at a time, each complete call with DSML parameters
+    # (everything `encode_messages` renders) arrives in several fragments, not one blob.
+    if rendered:
+        fragments = {}
+        for d in by_char:
+            for call in d.get("tool_calls", []):
+                if call["function"]["arguments"]:
+                    fragments[call["index"]] = fragments.get(call["index"], 0) + 1
+        for index, call in enumerate(calls):
+            if _is_json_object(call["function"]["arguments"]) and call["function"]["arguments"] != "{}":
+                assert fragments[index] > 1, call
+
 
 def _no_constants(name):
     raise AssertionError(f"{name} in tool-call arguments")
+
+
+LONG_VALUE = 'print("héllo\tworld")\n' * 20 + 'path = "C:\\tmp" + "</para" + "</" + "<｜end"\n😀'
+LONG_CALL_BLOCK = (f'\n\n<{DSML}function_calls>\n<{DSML}invoke name="run">\n'
+                   f'<{DSML}parameter name="code" string="true">{LONG_VALUE}</{DSML}parameter>\n'
+                   f'<{DSML}parameter name="opts" string="false">{{"n": 1.50, "x": [true, null]}}</{DSML}parameter>\n'
+                   f'<{DSML}parameter name="bad" string="false">not json</{DSML}parameter>\n'
+                   f'</{DSML}invoke>\n</{DSML}function_calls>')
+
+
+def test_streamed_arguments_arrive_as_fragments_joining_into_the_parsed_arguments():
+    text = "Running it." + LONG_CALL_BLOCK + EOS
+    parsed = parse_completion(text, "chat")
+    arguments = parsed["tool_calls"][0]["function"]["arguments"]
+    assert json.loads(arguments) == {"code": LONG_VALUE, "opts": {"n": 1.5, "x": [True, None]}, "bad": "not json"}
+    assert '"n": 1.50' in arguments  # non-string values keep the model's spelling
+
+    parser = StreamParser("chat", call_id=lambda i: f"call_{i}", stream_arguments=True)
+    calls = []
+    for start in range(0, len(text), 3):  # about a token at a time
+        chunk_calls = [c for d in parser.feed(text[start:start + 3]) for c in d.get("tool_calls", [])]
+        assert len(chunk_calls) <= 2  # at most the announcement and one merged fragment per feed
+        calls += chunk_calls
+    calls += [c for d in parser.finish() for c in d.get("tool_calls", [])]
+    assert calls[0] == {"index": 0, "id": "call_0", "type": "function", "function": {"name": "run", "arguments": ""}}
+    fragments = [c["function"]["arguments"] for c in calls[1:]]
+    assert all(c == {"index": 0, "function": {"arguments": f}} for c, f in zip(calls[1:], fragments))
+    assert "".join(fragments) == arguments
+    # the long string streamed as it came: many small fragments, none holding more than a
+    # possible closing tag back (the longest, "</｜DSML｜parameter>", is 19 characters)
+    assert len(fragments) > len(LONG_VALUE) // 4
+    assert max(len(f) for f in fragments) < 40
+    assert fragments[0].startswith('{"code": "') and fragments[-1] == "}"
+    assert '{"n": 1.50, "x": [true, null]}' in fragments  # a non-string value: whole once closed, as parsed
+
+
+def test_streamed_call_cut_short_or_malformed_after_its_header_stands():
+    """The one documented difference from parse_completion: an announced call is not taken back.
+    It keeps the arguments sent so far; the rest of its invoke is dropped."""
+    head = f'\n\n<{DSML}function_calls>\n<{DSML}invoke name="run">\n<{DSML}parameter name="code" string="true">'
+    param = f'<{DSML}parameter name="code" string="true">'
+    cases = [
+        # max_tokens inside a string value: all of its text so far
+        (head + LONG_VALUE[:50], [("run", '{"code": "' + json.dumps(LONG_VALUE[:50], ensure_ascii=False)[1:-1])]),
+        # EOS inside the value ("</" was held back as a possible closing tag)
+        (head + "ab</" + EOS + "after", [("run", '{"code": "ab</')]),
+        # a duplicate parameter: the invoke is malformed, the block goes on
+        (head + f"1</{DSML}parameter>\n{param}2</{DSML}parameter>\n</{DSML}invoke>\n"
+         f'<{DSML}invoke name="f">\n</{DSML}invoke>\n</{DSML}function_calls>', [("run", '{"code": "1"'), ("f", "{}")]),
+    ]
+    for text, calls in cases:
+        assert parse_completion("x" + text, "chat")["tool_calls"] is None  # the block falls back to content
+        chunks = ["x", *(text[i:i + 2] for i in range(0, len(text), 2))]
+        for parser_chunks in (chunks, ["x" + text]):
+            got = assemble_deltas(_feed(StreamParser("chat", stream_arguments=True), parser_chunks))
+            assert got["content"] == "x"
+            assert [(c["function"]["name"], c["function"]["arguments"]) for c in got["tool_calls"]] == calls
 
 
 SAFE_TEXT = st.lists(st.sampled_from(list("ab 中😀.,:;'\"{}[]\n") + ["<x>", "</y>"]), max_size=15).map("".join)

@@ -4,7 +4,8 @@ standing in for the model (its completions are fixed by the prompt).
 
 Covers: tool_choice auto with parallel calls (streaming deltas, the openai client's own stream
 accumulator, non-streaming equality), the thinking agent loop (reasoning -> calls -> results ->
-reasoning -> answer, each part in its field), tool_choice none, a named call's string argument,
+reasoning -> answer, each part in its field), a long string argument streamed in fragments (auto,
+required, named; cut by max_tokens), tool_choice none, a named call's string argument,
 malformed markup, n > 1 streams, an engine failure after the stream started (error event + [DONE]),
 and 503 when the queue is full.
 """
@@ -28,18 +29,27 @@ CALLS = (f'\n\n<{D}function_calls>\n<{D}invoke name="get_weather">\n'
          f'<{D}invoke name="get_time">\n<{D}parameter name="tz" string="true">Asia/Shanghai</{D}parameter>\n'
          f'</{D}invoke>\n</{D}function_calls>')
 EXPECTED_CALLS = [("get_weather", {"city": "杭州 (Hangzhou)", "days": 3}), ("get_time", {"tz": "Asia/Shanghai"})]
+RUN_TOOL = {"type": "function", "function": {
+    "name": "run_python", "description": "Run a Python program.",
+    "parameters": {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]}}}
+PROGRAM = 'for city in ["Paris", "杭州"]:\n\tprint(f"{city}: \\"sunny\\"")  # </tag> <｜x\n' * 6
 
 
 def script(prompt: str) -> str:
     """The scripted model: what it 'writes' after each kind of prompt."""
     if prompt.endswith('<｜DSML｜parameter name="tz" string="true">'):  # constrained: the raw string argument
         return f"Asia/Tokyo</{D}parameter>\n</{D}invoke>\n</{D}function_calls>"
+    if prompt.endswith('<｜DSML｜parameter name="code" string="true">'):
+        return f"{PROGRAM}</{D}parameter>\n</{D}invoke>\n</{D}function_calls>"
     thinking = prompt.endswith("<think>")
     last = prompt.rsplit("<｜User｜>", 1)[-1]
     if "</function_results>" in last:
         return ("The results say 25 degrees.</think>" if thinking else "") + "It is 25 degrees in Hangzhou."
     if "weather" in last:
         return ("I should call both tools.</think>" if thinking else "") + "Let me check." + CALLS
+    if "program" in last:
+        return (f'Running it.\n\n<{D}function_calls>\n<{D}invoke name="run_python">\n'
+                f'<{D}parameter name="code" string="true">{PROGRAM}</{D}parameter>\n</{D}invoke>\n</{D}function_calls>')
     if "broken" in last:
         return f"Here:\n\n<{D}function_calls>\n<{D}invoke name=\"get_weather\">oops</{D}function_calls>"
     if "fail" in last:
@@ -142,6 +152,47 @@ def test_named_call_string_argument_ends_at_its_closing_tag(client):
     calls = r.choices[0].message.tool_calls
     assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("get_time", {"tz": "Asia/Tokyo"})]
     assert r.choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("tool_choice", ["auto", "required", {"type": "function", "function": {"name": "run_python"}}])
+def test_long_string_argument_streams_incrementally(client, tool_choice):
+    """Arguments are not fake-streamed as one blob (vllm PR #42879, sglang PR #19662): the call is
+    announced with its name, then the string argument arrives in many fragments that join into
+    exactly the non-streaming `arguments`; also under constrained tool_choice."""
+    # (one call: choosing whether to add another is guided decoding, which the scripted engine lacks)
+    kwargs = dict(model="scripted", messages=user("Write a program"), tools=[RUN_TOOL], tool_choice=tool_choice,
+                  parallel_tool_calls=False)
+    full = client.chat.completions.create(**kwargs)
+    assert full.choices[0].finish_reason == "tool_calls"
+    [call] = full.choices[0].message.tool_calls
+    assert call.function.name == "run_python" and json.loads(call.function.arguments) == {"code": PROGRAM}
+
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    sent = [d.model_dump(exclude_unset=True) for d in deltas]  # the keys on the wire
+    assert sent[0] == {"index": 0, "id": sent[0]["id"], "type": "function",
+                       "function": {"name": "run_python", "arguments": ""}}
+    assert sent[0]["id"].startswith("call_")
+    assert all(d.keys() == {"index", "function"} and d["function"].keys() == {"arguments"} for d in sent[1:])
+    assert all(d["index"] == 0 for d in sent)
+    fragments = [d["function"]["arguments"] for d in sent[1:]]
+    assert len(fragments) > 20  # the program streamed as it was written
+    arguments = "".join(fragments)
+    assert arguments == call.function.arguments and json.loads(arguments) == {"code": PROGRAM}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_streamed_call_cut_by_max_tokens_keeps_its_fragments(client):
+    """An announced call cut short by max_tokens stays a call with the arguments sent so far,
+    finish_reason "length" (as vLLM does); not a blob, and no markup as content."""
+    kwargs = dict(model="scripted", messages=user("Write a program"), tools=[RUN_TOOL], max_tokens=60, stream=True)
+    chunks = list(client.chat.completions.create(**kwargs))
+    deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].function.name == "run_python" and len(deltas) > 2
+    arguments = "".join(d.function.arguments for d in deltas)
+    assert arguments.startswith('{"code": "for city in') and len(arguments) < len(json.dumps({"code": PROGRAM}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Running it."
+    assert chunks[-1].choices[0].finish_reason == "length"
 
 
 def test_n_streams_interleave_by_index(server):

@@ -14,7 +14,8 @@ results, arguments: special-looking strings in it stay plain text), and whether 
 generates it (the SFT loss mask).
 
 Parsing is one incremental state machine (`StreamParser`); `parse_completion` feeds it the whole
-text, so the streaming and one-shot results agree by construction.
+text, so the streaming and one-shot results agree by construction. Under `stream_arguments` it also
+streams tool-call arguments as they are written, from the same serialisation helpers.
 """
 from __future__ import annotations
 
@@ -369,11 +370,16 @@ _BLOCK_OPEN_PARTIAL_RE = re.compile(rf"<(?:{DSML})?function_calls\s*")
 _INVOKE_OPENERS = (f"<{DSML}invoke", "<invoke")
 _INVOKE_CLOSERS = (f"</{DSML}invoke>", "</invoke>")
 _BLOCK_CLOSERS = (_BLOCK_CLOSE, "</function_calls>")
-_INVOKE_RE = re.compile(rf'<(?:{DSML})?invoke\s+name="([^"]*)"\s*>(.*)</(?:{DSML})?invoke>', re.DOTALL)
-_PARAMETER_RE = re.compile(
-    rf'\s*<(?:{DSML})?parameter\s+name="([^"]*)"(?:\s+string="(true|false)")?\s*>(.*?)</(?:{DSML})?parameter>',
-    re.DOTALL,
-)
+_PARAMETER_CLOSERS = (f"</{DSML}parameter>", "</parameter>")
+# The heads are shared by the whole-tag patterns and the streaming preview, so both read a tag alike.
+_INVOKE_HEAD = rf'<(?:{DSML})?invoke\s+name="([^"]*)"\s*>'
+_PARAMETER_HEAD = rf'\s*<(?:{DSML})?parameter\s+name="([^"]*)"(?:\s+string="(true|false)")?\s*>'
+_INVOKE_HEAD_RE = re.compile(_INVOKE_HEAD)
+_PARAMETER_HEAD_RE = re.compile(_PARAMETER_HEAD)
+_INVOKE_RE = re.compile(_INVOKE_HEAD + rf"(.*)</(?:{DSML})?invoke>", re.DOTALL)
+_PARAMETER_RE = re.compile(_PARAMETER_HEAD + rf"(.*?)</(?:{DSML})?parameter>", re.DOTALL)
+# What can end a string value while it streams: text that may still become one of these is held back.
+_VALUE_ENDS = (*_PARAMETER_CLOSERS, *_INVOKE_CLOSERS, EOS)
 
 
 def _first_of(text: str, needles: Iterable[str]) -> tuple[int, str | None]:
@@ -437,17 +443,37 @@ def _arguments_json(body: str) -> str | None:
         name, string, raw = match.groups()
         if name in values:
             return None  # duplicate parameter: ambiguous, treat the block as text
-        if string == "true":
-            values[name] = to_json(raw)
-        else:  # "false" or no attribute: JSON if it parses, else the raw text as a string
-            values[name] = _json_value(raw) or to_json(raw)
+        values[name] = _parameter_json(raw, string == "true")
         pos = match.end()
     return _join_arguments(values)
 
 
+# The arguments text is written by these three helpers alone, whole (`_arguments_json`) or piece by
+# piece as it streams (`StreamParser._preview`), so the two cannot drift apart.
 def _join_arguments(values: dict[str, str]) -> str:
     # Built from the raw JSON texts so numbers etc. keep the model's spelling, as the official decoder.
-    return "{" + ", ".join(f"{to_json(k)}: {v}" for k, v in values.items()) + "}"
+    if not values:
+        return "{}"
+    return "".join(_parameter_key(k, n == 0) + v for n, (k, v) in enumerate(values.items())) + "}"
+
+
+def _parameter_key(name: str, first: bool) -> str:
+    """What precedes a parameter's value in the arguments object."""
+    return ("{" if first else ", ") + to_json(name) + ": "
+
+
+def _json_string_body(text: str) -> str:
+    """`text` JSON-escaped, without the quotes. Escaping maps each character on its own, so the
+    escaped pieces of a string join into the escaped string: a string value can stream as it comes."""
+    return to_json(text)[1:-1]
+
+
+def _parameter_json(raw: str, string: bool) -> str:
+    """A parameter's value as JSON text: string="true" as a string; otherwise ("false" or no
+    attribute) the text itself when it is strict JSON, else the text as a string."""
+    if string:
+        return f'"{_json_string_body(raw)}"'
+    return _json_value(raw) or to_json(raw)
 
 
 class StreamParser:
@@ -455,9 +481,21 @@ class StreamParser:
 
     `feed(text)` and `finish()` return lists of deltas: `{"reasoning_content": str}`,
     `{"content": str}` or `{"tool_calls": [{"index", "id"?, "type": "function", "function": {"name",
-    "arguments"}}]}` (a call is emitted whole once its `</invoke>` arrives; `id` only when a
-    `call_id` function is given). Text that could still turn into a marker is held back until it
-    is decided, so any chunking of the same completion gives the same result.
+    "arguments"}}]}` (`id` only when a `call_id` function is given). Text that could still turn
+    into a marker is held back until it is decided, so any chunking of the same completion gives
+    the same result.
+
+    By default a call is emitted whole once its `</invoke>` arrives. With `stream_arguments` (the
+    server's streaming path) it is announced as soon as its invoke header is complete (`{"index",
+    "id"?, "type", "function": {"name", "arguments": ""}}`), then its arguments follow as
+    `{"index", "function": {"arguments": fragment}}` deltas: a parameter's key once its tag is
+    complete, a string value's JSON-escaped characters as they arrive (holding back only what may
+    be the start of a closing tag), any other value once closed, and the rest when the invoke
+    closes. The fragments join into exactly the `arguments` of the default mode. The one
+    difference: an announced call cannot be taken back, so if its invoke is then cut short (EOS,
+    max_tokens: the server reports finish_reason "length", as vLLM does) or turns out malformed, it
+    stays a call with the fragments sent so far (not valid JSON) and the rest of that invoke is
+    dropped, where the default mode drops the call (or gives the block back as content).
 
     Leniency, as production parsers: a leading `<think>` is skipped; missing `</think>` (all
     reasoning), missing EOS, or a missing `</function_calls>` after complete calls are accepted;
@@ -467,12 +505,14 @@ class StreamParser:
     when the output ended (EOS or the end of the text), which is dropped; text after EOS is ignored.
     """
 
-    def __init__(self, thinking_mode: str = "thinking", call_id: Callable[[int], str] | None = None):
+    def __init__(self, thinking_mode: str = "thinking", call_id: Callable[[int], str] | None = None,
+                 stream_arguments: bool = False):
         if thinking_mode not in THINKING_MODES:
             raise ValueError(f"thinking_mode must be 'thinking' or 'chat', got {thinking_mode!r}")
         # modes: reasoning | content (scan for markers), tools (inside a block), tail (after calls), done
         self._mode = "reasoning" if thinking_mode == "thinking" else "content"
         self._call_id = call_id
+        self._stream = stream_arguments
         self._buf = ""  # text received but not yet decided
         self._at_start = thinking_mode == "thinking"
         self._calls = 0
@@ -487,6 +527,13 @@ class StreamParser:
         self._block_state = "open"  # open | between | after
         self._block_calls = 0
         self._tail_started = False
+        # The announced call (stream_arguments): arguments sent so far (None: no call announced), how
+        # far into its invoke text they go, whether that point is inside a string value (True),
+        # another value (False) or between parameters (None), and the parameter names seen.
+        self._sent: str | None = None
+        self._pos = 0
+        self._value: bool | None = None
+        self._names: set[str] = set()
 
     # ----- public -----
     def feed(self, text: str) -> list[dict]:
@@ -516,14 +563,77 @@ class StreamParser:
         else:
             self._out.append({key: text})
 
-    def _emit_call(self, name: str, arguments: str) -> None:
+    def _emit_call_start(self, name: str, arguments: str) -> None:
         call: dict[str, Any] = {"index": self._calls}
         if self._call_id is not None:
             call["id"] = self._call_id(self._calls)
         call["type"] = "function"
         call["function"] = {"name": name, "arguments": arguments}
         self._out.append({"tool_calls": [call]})
+
+    def _send(self, fragment: str) -> None:
+        """An argument fragment of the announced call (merged with the previous one of this feed)."""
+        if not fragment:
+            return
+        self._sent += fragment
+        last = self._out[-1]["tool_calls"][0] if self._out and "tool_calls" in self._out[-1] else {}
+        if last.get("index") == self._calls and "name" not in last["function"]:
+            last["function"]["arguments"] += fragment
+        else:
+            self._out.append({"tool_calls": [{"index": self._calls, "function": {"arguments": fragment}}]})
+
+    def _end_call(self, name: str, arguments: str | None) -> None:
+        """A call is complete (`arguments`: its JSON text), or an announced one ended early (None)."""
+        if not self._stream:
+            self._emit_call_start(name, arguments)
+        else:
+            if self._sent is None:
+                self._emit_call_start(name, "")
+                self._sent = ""
+            # The preview sent a prefix of well-formed arguments (the check only guards that claim).
+            if arguments is not None and arguments.startswith(self._sent):
+                self._send(arguments[len(self._sent):])
+            self._sent = None
         self._calls += 1
+        self._block_calls += 1
+
+    def _preview(self, invoke: str, ended: bool) -> None:
+        """stream_arguments: announce the call once the header of `invoke` (its text so far, up to
+        its closing tag or EOS) is complete, and send the arguments as far as the text decides
+        them (all of a string value's text when the output `ended` inside it). It sends only what
+        a well-formed invoke's arguments start with; anything else (another tag, a duplicate
+        parameter, a JSON-object body) pauses it and is left to the close. What it sends depends
+        on the text alone, never on how the text was chunked."""
+        if self._sent is None:
+            head = _INVOKE_HEAD_RE.match(invoke)
+            if head is None:
+                return
+            self._emit_call_start(head.group(1), "")
+            self._sent, self._pos, self._value, self._names = "", head.end(), None, set()
+        while True:
+            if self._value is None:  # between parameters
+                tag = _PARAMETER_HEAD_RE.match(invoke, self._pos)
+                if tag is None or tag.group(1) in self._names:
+                    return
+                self._value = tag.group(2) == "true"
+                self._send(_parameter_key(tag.group(1), not self._names) + ('"' if self._value else ""))
+                self._names.add(tag.group(1))
+                self._pos = tag.end()
+            rest = invoke[self._pos:]
+            end, closer = _first_of(rest, _PARAMETER_CLOSERS)
+            if self._value:  # a string: its characters so far, escaped, less what may be a closing tag
+                ready = end if closer else len(rest) - (0 if ended else _held_suffix(rest, _VALUE_ENDS))
+                self._send(_json_string_body(rest[:ready]) + ('"' if closer else ""))
+                self._pos += ready
+                if closer is None:
+                    return
+            else:  # any other value is short: sent once closed
+                if closer is None:
+                    return
+                self._send(_parameter_json(rest[:end], False))
+                self._pos += end
+            self._pos += len(closer)
+            self._value = None
 
     # ----- state machine: each step returns True when it changed state and should run again -----
     def _run(self, final: bool) -> None:
@@ -595,16 +705,20 @@ class StreamParser:
         if body.startswith(_INVOKE_OPENERS):
             end, closer = _first_of(body, _INVOKE_CLOSERS)
             eos = body.find(EOS)
-            if closer is None or (eos != -1 and eos < end):
-                if not final and eos == -1:
+            cut = eos != -1 and (closer is None or eos < end)
+            if self._stream:
+                self._preview(body[: eos if cut else end if closer else len(body)], cut or (final and not closer))
+            if closer is None or cut:
+                if not final and not cut:
                     return False
+                if self._sent is not None:
+                    self._end_call("", None)  # announced: it stands, cut short
                 return self._cut_short() if self._block_calls else self._malformed()
             match = _INVOKE_RE.fullmatch(body[: end + len(closer)])
             arguments = _arguments_json(match.group(2)) if match else None
-            if arguments is None:
+            if arguments is None and self._sent is None:
                 return self._malformed()
-            self._emit_call(match.group(1), arguments)
-            self._block_calls += 1
+            self._end_call(match.group(1) if match else "", arguments)  # (None: announced, malformed)
             self._consume(gap + end + len(closer))
             return True
         closer = next((c for c in _BLOCK_CLOSERS if body.startswith(c)), None)
@@ -626,9 +740,10 @@ class StreamParser:
 
     def _cut_short(self) -> bool:
         """The output ended (EOS, or max_tokens) inside an invoke or tag after complete calls: the
-        unfinished markup is dropped, not turned into content."""
-        self._buf = ""
-        return self._to_tail()
+        unfinished markup is dropped, not turned into content, and so is anything after the EOS
+        (whichever chunk it comes in)."""
+        self._buf, self._mode = "", "done"
+        return False
 
     def _malformed(self) -> bool:
         """The block cannot be valid. Without complete calls it was never a block: give its text

@@ -9,8 +9,10 @@ static/chat.html: plain HTML/JS over the same API).
 Wire format notes (what real clients rely on):
 - Streams are `data: <json>\\n\\n` events ending with `data: [DONE]`; every chunk of a response
   has the same id/created/model; the first chunk of each choice carries the role; tool-call deltas
-  always carry `index`, the first delta of a call also `id`, `type` and the name (arguments "");
-  `finish_reason: "tool_calls"` only when calls were emitted; with `stream_options.include_usage`
+  always carry `index`, the first delta of a call also `id`, `type` and the name (arguments ""),
+  sent as soon as the call's name is known; its arguments then stream in fragments as the model
+  writes them (string values character by character), joining into exactly the non-streaming
+  `arguments`; `finish_reason: "tool_calls"` only when calls were emitted; with `stream_options.include_usage`
   the usage chunk has `choices: []` and every other chunk `usage: null`. An error after the stream
   started is sent as one `data: {"error": ...}` event, then `[DONE]`.
 - Reasoning is returned as `reasoning_content` and again as `reasoning`. Thinking is chosen per
@@ -504,19 +506,12 @@ def _reasoning_delta(text: str) -> dict:
     return {"reasoning_content": text, "reasoning": text}
 
 
-def _openai_deltas(delta: dict) -> list[dict]:
-    """Parser delta -> OpenAI stream deltas (a tool call becomes a header delta, then its arguments)."""
+def _openai_delta(delta: dict) -> dict:
+    """Parser delta -> OpenAI stream delta. Tool-call deltas already have the OpenAI shape (the
+    parser streams arguments: a call's first delta has id, type and name, then argument fragments)."""
     if "reasoning_content" in delta:
-        return [_reasoning_delta(delta["reasoning_content"])]
-    if "content" in delta:
-        return [{"content": delta["content"]}]
-    out = []
-    for call in delta.get("tool_calls", []):
-        fn = call["function"]
-        out.append({"tool_calls": [{"index": call["index"], "id": call["id"], "type": "function",
-                                    "function": {"name": fn["name"], "arguments": ""}}]})
-        out.append({"tool_calls": [{"index": call["index"], "function": {"arguments": fn["arguments"]}}]})
-    return out
+        return _reasoning_delta(delta["reasoning_content"])
+    return delta
 
 
 def _finish_parser(parser: StreamParser, out: RequestOutput) -> list[dict]:
@@ -557,7 +552,8 @@ async def _chat_stream(state: ServerState, req: ChatCompletionRequest, plan: _Ch
     continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
     as_ids = req.return_tokens_as_token_ids
     mode = "thinking" if plan.thinking else "chat"
-    parsers = [StreamParser(mode, call_id=lambda _i: f"call_{uuid.uuid4().hex[:24]}") for _ in range(plan.n)]
+    parsers = [StreamParser(mode, call_id=lambda _i: f"call_{uuid.uuid4().hex[:24]}", stream_arguments=True)
+               for _ in range(plan.n)]
     called = [False] * plan.n
     completion = [0] * plan.n
     cached = [0] * plan.n
@@ -591,8 +587,7 @@ async def _chat_stream(state: ServerState, req: ChatCompletionRequest, plan: _Ch
             lp = None
             if plan.logprobs is not None and out.logprobs:
                 lp = {"content": _chat_logprobs(state, out.logprobs, as_ids)}
-            pieces = [d2 for d in deltas for d2 in _openai_deltas(d)]
-            for d in pieces:
+            for d in map(_openai_delta, deltas):
                 if "tool_calls" in d:
                     called[i] = True
                 yield chunk(i, d, logprobs=lp)
