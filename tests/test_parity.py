@@ -44,6 +44,13 @@ V32_CONFIGS = {
     "topk16-shared2": dict(model_type="deepseek_v32", q_lora_rank=32, n_group=4, topk_group=2,
                            first_k_dense_replace=1, n_shared_experts=2, norm_topk_prob=False,
                            index_n_heads=8, index_head_dim=24, index_topk=16),
+    # one group, plain RoPE with another base, two dense layers, random attention biases, an indexer key that
+    # is all RoPE (index_head_dim == qk_rope_head_dim), top-4 of 40. 16 indexer heads: with few, an untrained
+    # indexer often scores keys exactly 0 and the two sides break such ties differently (bench/README.md)
+    "biased-plain-rope-topk4": dict(model_type="deepseek_v32", q_lora_rank=40, n_group=1, topk_group=1,
+                                    first_k_dense_replace=2, num_hidden_layers=4, n_shared_experts=1,
+                                    norm_topk_prob=True, rope_scaling=None, rope_theta=50000.0, attention_bias=True,
+                                    index_n_heads=16, index_head_dim=8, index_topk=4),
 }
 
 HF_CLASS = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM"}
@@ -58,17 +65,26 @@ def input_ids(cfg):
     return torch.randint(0, cfg.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(7))
 
 
-def hf_model_from(cfg: ModelConfig, tmp_path):
-    """A randomly initialised transformers model for our config, with a random balance bias."""
-    cfg.save(tmp_path / "cfg")
-    hf_config = transformers.AutoConfig.from_pretrained(tmp_path / "cfg")
-    torch.manual_seed(0)
-    model = getattr(transformers, HF_CLASS[cfg.model_type])._from_config(hf_config, dtype=torch.float32).eval()
+def randomise_biases(model: torch.nn.Module) -> torch.nn.Module:
+    """A random balance bias, and random attention / indexer LayerNorm biases: they start at zero, which
+    would leave them out of the logits the parity tests compare."""
     with torch.no_grad():
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buf.copy_(torch.randn_like(buf) * 0.1)
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(std=0.1)
     return model
+
+
+def hf_model_from(cfg: ModelConfig, tmp_path):
+    """A randomly initialised transformers model for our config, with random biases."""
+    cfg.save(tmp_path / "cfg")
+    hf_config = transformers.AutoConfig.from_pretrained(tmp_path / "cfg")
+    torch.manual_seed(0)
+    model = getattr(transformers, HF_CLASS[cfg.model_type])._from_config(hf_config, dtype=torch.float32).eval()
+    return randomise_biases(model)
 
 
 def check_parity(hf, ours, cfg):
@@ -102,11 +118,7 @@ def test_transformers_saves_dsv32_loads_same_logits(name, tmp_path):
 def test_dsv32_saves_transformers_loads_same_logits(name, tmp_path):
     cfg = make_config({**V3_CONFIGS, **V32_CONFIGS}[name])
     torch.manual_seed(1)
-    ours = Transformer(cfg).eval()
-    with torch.no_grad():
-        for buf_name, buf in ours.named_buffers():
-            if buf_name.endswith("e_score_correction_bias"):
-                buf.copy_(torch.randn_like(buf) * 0.1)
+    ours = randomise_biases(Transformer(cfg).eval())
     save_pretrained(ours, tmp_path / "ours", dtype=torch.float32)
     cls = getattr(transformers, HF_CLASS[cfg.model_type])
     hf, info = cls.from_pretrained(tmp_path / "ours", dtype=torch.float32, output_loading_info=True)
