@@ -7,7 +7,8 @@ One step:
      advantages (`scale_rewards` group | batch | none);
   3. one teacher-forced forward with the rollout weights: pi_old, the expert routing of every MoE layer
      (Keep Routing) and the top-k/top-p keep set of every sampled token (Keep Sampling Mask), plus the
-     frozen reference's log-probs when beta > 0 (beta = 0 loads no reference);
+     frozen reference's log-probs when beta > 0 (beta = 0 loads no reference); with num_iterations 1
+     that forward is the training forward itself;
   4. `num_iterations` optimizer updates on the batch, each over micro-batches whose losses are
      normalised by the whole batch's counts: clipped ratio (epsilon / epsilon_high), loss_type grpo |
      dr_grpo | dapo, k3 KL (times the ratio: the unbiased estimate), off-policy sequence masking (delta),
@@ -37,7 +38,8 @@ from dsv32.train.metrics import MetricsLog, read_metrics
 from dsv32.train.optim import build_optimizer, build_scheduler
 from dsv32.train.rewards import BUILTIN_REWARDS, build_rewards, compute_rewards
 from dsv32.train.rollout import (MicroBatch, OldPolicy, Prompt, completion_logits, generate, load_prompts,
-                                 make_micro_batch, sampling_params, score_old_policy)
+                                 make_micro_batch, old_policy_from_logits, sampling_params,
+                                 score_old_policy)
 from dsv32.train.state import ResumableTrainer
 
 DEFAULT_REWARDS = {"tool_use": ["accuracy", "tool_call", "format", "length"]}
@@ -169,6 +171,8 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 
 class GRPOTrainer(ResumableTrainer):
+    fuse_old_policy = True  # with num_iterations 1, take pi_old from the training forward (tests turn it off)
+
     def __init__(self, cfg: GRPOConfig):
         from dsv32.checkpoint import load_pretrained
         from dsv32.infer.engine import Engine
@@ -299,14 +303,18 @@ class GRPOTrainer(ResumableTrainer):
                                                 cfg.scale_rewards)
 
         micro = self._micro_batches(rollouts)
-        old: list[OldPolicy] = []
-        refs: list[torch.Tensor | None] = []
-        self.model.eval()
-        for mb in micro:
-            o = score_old_policy(self.model, mb, cfg, device=self.device)
-            old.append(o)
-            refs.append(self._reference_logps(mb, o.keep) if self.ref_model is not None else None)
-        self.model.train()
+        # With one update per batch the training forward runs with the rollout weights, so pi_old, the
+        # keep sets and the routing are that forward's own detached outputs (TRL does the same): one
+        # scoring forward fewer. With several updates pi_old must be fixed before the first one.
+        on_policy = cfg.num_iterations == 1 and self.fuse_old_policy
+        old: list[OldPolicy | None] = [None] * len(micro)
+        refs: list[torch.Tensor | None] = [None] * len(micro)
+        if not on_policy:
+            self.model.eval()
+            for j, mb in enumerate(micro):
+                old[j] = score_old_policy(self.model, mb, cfg, device=self.device)
+                refs[j] = self._reference_logps(mb, old[j].keep) if self.ref_model is not None else None
+            self.model.train()
 
         # loss masks and the batch's global counts (every micro-batch is normalised by these)
         masks = [loss_mask(mb.present, torch.tensor([rollouts[i].truncated for i in mb.rows]),
@@ -320,9 +328,16 @@ class GRPOTrainer(ResumableTrainer):
         lr = self.optimizer.param_groups[0]["lr"]
         for it in range(cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            for mb, o, ref, mask in zip(micro, old, refs, masks):
+            for j, (mb, mask) in enumerate(zip(micro, masks)):
                 adv = advantages[mb.rows].to(self.device)
-                logits, _ = completion_logits(self.model, mb, forced_routing=o.routing, device=self.device)
+                if on_policy:
+                    logits, routing = completion_logits(self.model, mb, device=self.device)
+                    old[j] = old_policy_from_logits(logits, mb, cfg, routing)
+                    if self.ref_model is not None:
+                        refs[j] = self._reference_logps(mb, old[j].keep)
+                else:
+                    logits, _ = completion_logits(self.model, mb, forced_routing=old[j].routing, device=self.device)
+                o, ref = old[j], refs[j]
                 logps, entropy = token_logprobs(logits, mb.targets.to(self.device), cfg.temperature, o.keep)
                 seq_mask = None
                 if cfg.off_policy_delta is not None:

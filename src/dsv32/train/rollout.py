@@ -188,6 +188,13 @@ class OldPolicy:
 @torch.no_grad()
 def score_old_policy(model, mb: MicroBatch, cfg, device=None) -> OldPolicy:
     logits, routing = completion_logits(model, mb, device=device)
+    return old_policy_from_logits(logits, mb, cfg, routing)
+
+
+@torch.no_grad()
+def old_policy_from_logits(logits: torch.Tensor, mb: MicroBatch, cfg, routing: list[torch.Tensor] | None) -> OldPolicy:
+    """pi_old, the keep sets and the routing from logits [b, T, V] computed with the rollout weights."""
+    logits = logits.detach()
     targets = mb.targets.to(logits.device)
     keep = sampling_keep_mask(logits, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
     forced_in = 0
@@ -201,5 +208,5 @@ def score_old_policy(model, mb: MicroBatch, cfg, device=None) -> OldPolicy:
     raw, _ = token_logprobs(logits, targets, 1.0, None, with_entropy=False)
     use_keep = keep if cfg.keep_sampling_mask else None
     logps, _ = token_logprobs(logits, targets, cfg.temperature, use_keep, with_entropy=False)
-    return OldPolicy(logps=logps, raw_logps=raw, routing=[r.detach() for r in routing] if cfg.keep_routing else None,
-                     keep=use_keep, forced_in=forced_in)
+    kept_routing = [r.detach() for r in routing] if cfg.keep_routing and routing is not None else None
+    return OldPolicy(logps=logps, raw_logps=raw, routing=kept_routing, keep=use_keep, forced_in=forced_in)
