@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dsv32 import ModelConfig, Transformer
-from dsv32.checkpoint import save_pretrained
+from dsv32.checkpoint import load_pretrained, save_pretrained
 from dsv32.data.tasks import arithmetic, tools
 from dsv32.tokenizer import train_tokenizer
 from dsv32.train.grpo import GRPOConfig, GRPOTrainer
@@ -232,6 +232,24 @@ def test_beta_zero_loads_no_reference(workspace, tmp_path):
     assert any(not torch.equal(p, ref[n]) for n, p in trainer.model.named_parameters())
 
 
+def test_one_update_takes_pi_old_from_the_training_forward(workspace, tmp_path):
+    """num_iterations 1 skips the separate scoring forward; the update must equal the two-forward one."""
+    dense = [f"{workspace / 'dense.py'}:even"]
+    changes = dict(top_p=0.9, beta=0.04, off_policy_delta=0.0, rewards=dense, log_policy_shift=False)
+    fused = GRPOTrainer(grpo_config(workspace, tmp_path / "a", **changes))
+    separate = GRPOTrainer(grpo_config(workspace, tmp_path / "b", **changes))
+    separate.fuse_old_policy = False
+    a, b = fused.train_step(), separate.train_step()
+    for key in ("reward", "loss", "kl", "entropy", "grad_norm", "sampling/logp_diff_max", "ratio/max"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    assert a["ratio/max"] == pytest.approx(1.0) and a["off_policy_masked_frac"] == b["off_policy_masked_frac"]
+    params = dict(separate.model.named_parameters())
+    start = dict(load_pretrained(workspace / "init").named_parameters())
+    assert any(not torch.allclose(p, start[name]) for name, p in fused.model.named_parameters())  # it did update
+    for name, p in fused.model.named_parameters():
+        torch.testing.assert_close(p, params[name], rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------- run directory, resume, CLI
 def test_run_directory_metrics_plots_and_export(workspace, tmp_path):
     out = tmp_path / "run"
@@ -359,6 +377,24 @@ def test_r1_traces_are_thinking_mode_reasoning(tmp_path):
     assert turn["reasoning_content"].startswith(f"Compute {task.meta['a']}") and "Answer:" not in turn["reasoning_content"]
     (tmp_path / "lineage.json").write_text(json.dumps({"stage": "grpo", "thinking_default": True}))
     assert default_thinking_mode(tmp_path) == "thinking" and default_thinking_mode(tmp_path / "none") == "chat"
+
+
+def test_r1_direct_traces_skip_the_working_at_the_asked_fraction(tmp_path):
+    from dsv32.train.r1 import DIRECT_REASONING, direct_choices, write_traces
+
+    assert sum(direct_choices(50, 0.6, 0)) == 30 and direct_choices(50, 0.6, 0) == direct_choices(50, 0.6, 0)
+    assert direct_choices(50, 0.6, 0) != direct_choices(50, 0.6, 1) and not any(direct_choices(9, 0.0, 0))
+    with pytest.raises(ValueError, match="direct_fraction"):
+        direct_choices(10, 1.5, 0)
+    path = tmp_path / "traces.jsonl"
+    assert write_traces("arithmetic", 40, path, 0, ONE_DIGIT, direct_fraction=0.25) == 40
+    turns = [json.loads(line)["messages"][-1] for line in path.read_text().splitlines()]
+    direct = [t for t in turns if t["reasoning_content"] == DIRECT_REASONING]
+    assert len(direct) == 10 and all(t["content"].startswith("Answer: ") for t in direct)
+    assert all(t["reasoning_content"].startswith("Compute ") for t in turns if t not in direct)
+    # tool-use references keep their own reasoning whatever the fraction
+    write_traces("tools", 6, path, 0, direct_fraction=1.0)
+    assert not any(DIRECT_REASONING in line for line in path.read_text().splitlines())
 
 
 def test_votes_verifiers_and_pass_at_k_by_hand():

@@ -119,7 +119,8 @@ def _run_r1(args: argparse.Namespace) -> int:
         if unknown:
             raise ValueError(f"{name}: unknown settings {', '.join(unknown)}")
     cfg = R1Config(out=args.out, init=args.init or "", preset=args.preset, tokenizer=args.tokenizer or "", task=args.task,
-                   task_args=args.task_args or {}, seed=args.seed, sft_examples=args.sft_examples, sft=sft, grpo=grpo,
+                   task_args=args.task_args or {}, seed=args.seed, sft_examples=args.sft_examples,
+                   direct_fraction=args.direct_fraction, sft=sft, grpo=grpo,
                    eval_prompts=args.eval_prompts, samples=args.samples, sample_temperature=args.sample_temperature,
                    progress=not args.no_progress)
     report = run_r1(cfg)
@@ -168,6 +169,9 @@ def add_train_commands(stages) -> None:
     r.add_argument("--task-args", type=_json_object, help='generator options, e.g. \'{"max_digits": 3}\'')
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--sft-examples", type=int, default=4000, help="reasoning traces for SFT (default 4000)")
+    r.add_argument("--direct-fraction", type=float, default=0.0,
+                   help="share of arithmetic/word-problem traces that answer without working, so that GRPO has to "
+                        "learn that working pays (default 0: pure reasoning traces)")
     r.add_argument("--sft-set", action="append", default=[], metavar="KEY=VALUE", help="SFT setting (TrainConfig field)")
     r.add_argument("--grpo-set", action="append", default=[], metavar="KEY=VALUE", help="GRPO setting (GRPOConfig field)")
     r.add_argument("--eval-prompts", type=int, default=200, help="held-out test problems (default 200)")

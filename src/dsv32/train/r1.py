@@ -3,7 +3,11 @@
 Stages, each skipped when its output already exists (re-running continues where it stopped):
   1. traces: the task generators' worked solutions rewritten as thinking-mode turns — the steps become
      `reasoning_content`, the final "Answer: N" line the content (tool-use references already carry
-     reasoning; code tasks get a short plan as reasoning) — tokenised in thinking mode;
+     reasoning; code tasks get a short plan as reasoning) — tokenised in thinking mode. A fraction
+     `direct_fraction` of the arithmetic and word-problem traces answers without working instead (a
+     one-line reasoning, then the answer), as R1's and V3.2's SFT mix reasoning with non-reasoning data:
+     the SFT model is then undecided whether to work a problem out, and GRPO has to discover from the
+     reward that working it out pays (DeepSeek-R1's "learning to think", in miniature);
   2. sft: the shared training loop on those traces (from --init, or a fresh --preset model);
   3. grpo: GRPO from the SFT export on the same task family's training split;
   4. eval: greedy held-out accuracy (test split) of the SFT and GRPO models, and the GRPO model's
@@ -16,11 +20,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 from pathlib import Path
 
 
-def reasoning_messages(task) -> list[dict]:
-    """The reference conversation of a generated task in thinking-mode form."""
+DIRECT_REASONING = "I can answer this directly."  # the reasoning of a trace that skips the working
+
+
+def reasoning_messages(task, direct: bool = False) -> list[dict]:
+    """The reference conversation of a generated task in thinking-mode form; `direct`: the same answer
+    without the working (arithmetic and word problems only; other kinds keep their reasoning)."""
     prompt = task.prompt_messages()
     if task.kind == "tool_use":
         return task.messages()  # its reference turns already carry reasoning
@@ -33,22 +42,35 @@ def reasoning_messages(task) -> list[dict]:
     lines = task.solution.strip().splitlines()
     if len(lines) < 2 or not lines[-1].startswith("Answer:"):
         raise ValueError(f"task {task.prompt!r}: expected worked steps ending in an 'Answer:' line")
-    return prompt + [{"role": "assistant", "reasoning_content": "\n".join(lines[:-1]), "content": lines[-1]}]
+    reasoning = DIRECT_REASONING if direct else "\n".join(lines[:-1])
+    return prompt + [{"role": "assistant", "reasoning_content": reasoning, "content": lines[-1]}]
 
 
-def write_traces(task_spec: str, n: int, path: str | Path, seed: int = 0, task_args: dict | None = None) -> int:
-    """Write `n` thinking-mode conversations (train split) as JSONL `{"messages": ...}`; returns the count."""
+def direct_choices(n: int, fraction: float, seed: int) -> list[bool]:
+    """Which of n traces skip the working: exactly round(n * fraction) of them, at seeded positions."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"direct_fraction={fraction} must be in [0, 1]")
+    k = round(n * fraction)
+    picked = set(random.Random(f"{seed}:direct").sample(range(n), k))
+    return [i in picked for i in range(n)]
+
+
+def write_traces(task_spec: str, n: int, path: str | Path, seed: int = 0, task_args: dict | None = None,
+                 direct_fraction: float = 0.0) -> int:
+    """Write `n` thinking-mode conversations (train split) as JSONL `{"messages": ...}`; returns the count.
+    `direct_fraction` of them answer without the working (see the module docstring)."""
     from dsv32.train.rollout import load_prompts
 
     prompts = load_prompts(task_spec, "train", n, seed, task_args)
+    direct = direct_choices(len(prompts), direct_fraction, seed)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for p in prompts:
+        for p, skip in zip(prompts, direct):
             if isinstance(p.task, dict):
                 raise ValueError("the r1 recipe builds its traces from the task generators; a .jsonl task has no worked solutions")
-            f.write(json.dumps({"messages": reasoning_messages(p.task)}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({"messages": reasoning_messages(p.task, skip)}, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
     return len(prompts)
 
@@ -101,6 +123,7 @@ class R1Config:
     task_args: dict = dataclasses.field(default_factory=dict)
     seed: int = 0
     sft_examples: int = 4000
+    direct_fraction: float = 0.0    # traces that answer without working (0: pure reasoning traces)
     sft: dict = dataclasses.field(default_factory=dict)    # TrainConfig overrides for the SFT stage
     grpo: dict = dataclasses.field(default_factory=dict)   # GRPOConfig overrides for the GRPO stage
     eval_prompts: int = 200         # held-out (test split) problems for the final comparison
@@ -115,8 +138,9 @@ SFT_DEFAULTS = {"lr": 2e-3, "steps": 400, "warmup_steps": 20, "schedule": "cosin
 # teaches the model to skip steps (measured: held-out accuracy 27% -> 2% in 20 steps on tiny with the
 # ramp starting at 72 tokens while subtractions with borrows need ~75). Add it with --grpo-set rewards=...
 # lr 3e-5 with 16 x 8 rollouts. Measured on tiny: 2e-4 collapsed training accuracy to 0 within 20 steps, and
-# 1e-4 / 5e-5 cost held-out greedy accuracy about 10 points in 10 steps. At 3e-5, 20 steps raised sampled
-# pass@1 from 12% to 24%: the model dropped a failing answer-without-steps strategy (30% of samples -> 0.3%).
+# 1e-4 / 5e-5 cost held-out greedy accuracy about 10 points in 10 steps. At 3e-5, from an SFT model that
+# answered directly (--direct-fraction 0.6 on top of 350 pure-trace steps), 40 steps took held-out greedy
+# accuracy from 5.5% to 39.5% (README, "What GRPO achieves on tiny"); from pure traces it holds it (33.5 -> 34.5%).
 GRPO_DEFAULTS = {"steps": 40, "prompts_per_step": 16, "num_generations": 8, "lr": 3e-5, "warmup_steps": 2,
                  "max_completion_length": 256,
                  "eval_every": 5, "eval_prompts": 64, "ckpt_every": 5, "epsilon_high": 0.28,
@@ -132,6 +156,8 @@ def run_r1(cfg: R1Config) -> dict:
     from dsv32.train.rollout import load_prompts
     from dsv32.train.ttc import plot_curve, scaling_curve
 
+    if not 0.0 <= cfg.direct_fraction <= 1.0:
+        raise ValueError(f"direct_fraction={cfg.direct_fraction} must be in [0, 1]")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     tok_dir = cfg.tokenizer or cfg.init
@@ -143,7 +169,7 @@ def run_r1(cfg: R1Config) -> dict:
     # 1. reasoning traces, tokenised in thinking mode
     data_dir = out / "sft_data"
     if not (data_dir / MANIFEST).exists():
-        write_traces(cfg.task, cfg.sft_examples, out / "traces.jsonl", cfg.seed, cfg.task_args)
+        write_traces(cfg.task, cfg.sft_examples, out / "traces.jsonl", cfg.seed, cfg.task_args, cfg.direct_fraction)
         prepare([str(out / "traces.jsonl")], tok_dir, data_dir, validation_fraction=0.02, thinking="thinking",
                 show_progress=cfg.progress)
 
