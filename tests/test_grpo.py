@@ -305,7 +305,9 @@ def test_cli_errors_are_one_line(workspace, tmp_path, capsys):
                           (["train", "grpo", "--init", str(workspace / "init"), "--num-generations", "1"], "num_generations=1"),
                           (["train", "grpo", "--init", str(tmp_path / "missing")], "no such checkpoint"),
                           (["train", "grpo", "--init", str(workspace / "init"), "--rewards", "accuracy,nope:fn"],
-                           "cannot import nope")):
+                           "cannot import nope"),
+                          (["train", "r1", "--tokenizer", str(workspace / "tok"), "--direct-fraction", "1.5"],
+                           "direct_fraction=1.5 must be in [0, 1]")):
         args = args + ["--out", str(tmp_path / "never")] if "--out" not in args else args
         result = _cli(capsys, *args)
         assert result.returncode == 1, (args, result.stderr)

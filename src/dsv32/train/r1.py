@@ -46,10 +46,14 @@ def reasoning_messages(task, direct: bool = False) -> list[dict]:
     return prompt + [{"role": "assistant", "reasoning_content": reasoning, "content": lines[-1]}]
 
 
-def direct_choices(n: int, fraction: float, seed: int) -> list[bool]:
-    """Which of n traces skip the working: exactly round(n * fraction) of them, at seeded positions."""
+def check_direct_fraction(fraction: float) -> None:
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"direct_fraction={fraction} must be in [0, 1]")
+
+
+def direct_choices(n: int, fraction: float, seed: int) -> list[bool]:
+    """Which of n traces skip the working: exactly round(n * fraction) of them, at seeded positions."""
+    check_direct_fraction(fraction)
     k = round(n * fraction)
     picked = set(random.Random(f"{seed}:direct").sample(range(n), k))
     return [i in picked for i in range(n)]
@@ -156,8 +160,7 @@ def run_r1(cfg: R1Config) -> dict:
     from dsv32.train.rollout import load_prompts
     from dsv32.train.ttc import plot_curve, scaling_curve
 
-    if not 0.0 <= cfg.direct_fraction <= 1.0:
-        raise ValueError(f"direct_fraction={cfg.direct_fraction} must be in [0, 1]")
+    check_direct_fraction(cfg.direct_fraction)  # before anything is written
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     tok_dir = cfg.tokenizer or cfg.init
