@@ -69,6 +69,34 @@ def test_padded_sdpa_equals_math(masked):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_bf16_small_attention_is_within_bf16_rounding_of_fp32(monkeypatch, masked):
+    """bf16 on CPU: the two-matmul path (and, for comparison, the flash kernel) against fp32 math attention."""
+    from dsv32.model import mla as mla_module
+
+    q, k = (torch.randn(2, 3, 12, 24, generator=gen(s)) for s in (0, 1))
+    v = torch.randn(2, 3, 12, 16, generator=gen(2))
+    doc = torch.tensor([0] * 5 + [1] * 7)
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()[None].expand(2, -1, -1)
+    mask = (causal & (doc[:, None] == doc[None])) if masked else None
+    calls, small = [], mla_module._small_attention
+    monkeypatch.setattr(mla_module, "_small_attention", lambda *a: calls.append(1) or small(*a))
+
+    def math(a, b, c):
+        allowed = (mask if masked else causal)[:, None]
+        return ((a @ b.transpose(-1, -2) * 0.3).masked_fill(~allowed, float("-inf"))).softmax(-1) @ c
+
+    ref, ref_grads = grads(math, q, k, v)
+    for limit in (mla_module.SMALL_ATTENTION_SCORES, 0):   # the small path, then the flash kernel
+        monkeypatch.setattr(mla_module, "SMALL_ATTENTION_SCORES", limit)
+        out, g = grads(lambda a, b, c: _sdpa(a, b, c, mask, 0.3), *(t.to(torch.bfloat16) for t in (q, k, v)))
+        assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+        assert float((out.float() - ref).norm() / ref.norm()) < 1e-2
+        for a, b in zip(g, ref_grads):
+            assert float((a.float() - b).norm() / b.norm()) < 2e-2
+    assert len(calls) == 1   # only the first round took the small path
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_linear_cross_entropy_equals_reference(autocast):
     hidden = torch.randn(2, 37, 32, generator=gen(0))
@@ -151,6 +179,48 @@ def test_both_expert_layouts_equal_the_loop_reference(monkeypatch, path, skewed)
     if skewed:
         forced = torch.zeros(2, 30, cfg.num_experts_per_tok, dtype=torch.long)
         forced[..., 1] = torch.randint(1, 3, (2, 30), generator=gen(2))   # experts 3.. get nothing
+
+    def run(reference: bool):
+        moe.use_loop_reference = reference
+        moe.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        y, _ = moe(xi, forced)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        return [y.detach(), xi.grad] + [p.grad.clone() for p in moe.parameters()]
+
+    for a, b in zip(run(False), run(True)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_padding_buckets_split_the_busy_experts_from_the_rest():
+    from dsv32.model.moe import padding_buckets
+
+    layout = padding_buckets(torch.tensor([10, 2, 3, 9, 0, 1]))
+    # one block would be 6 x 10 = 60 rows; the busiest two padded to 10 and the rest to 3 is 32
+    assert [(e.tolist(), c) for e, c in layout.blocks] == [([0, 3], 10), ([2, 1, 5, 4], 3)]
+    assert layout.n_slots == 32
+    assert layout.first_slot.tolist() == [0, 23, 20, 10, 29, 26]
+    even = padding_buckets(torch.tensor([5, 6, 5, 6]))    # a split saves under a tenth: one block, natural order
+    assert [(e.tolist(), c) for e, c in even.blocks] == [([0, 1, 2, 3], 6)] and even.n_slots == 24
+
+
+def test_two_padded_blocks_equal_the_loop_reference(monkeypatch):
+    """Half the experts busy, half nearly idle: the padded path runs two blocks and still equals the loop."""
+    from dsv32.model import moe as moe_module
+
+    monkeypatch.setattr(moe_module, "MAX_PADDING", float("inf"))
+    cfg = ModelConfig.preset("nano")
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    n_experts, top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    x = torch.randn(2, 40, cfg.hidden_size, generator=gen(1))
+    busy = torch.randint(0, n_experts // 2, (2, 40, top_k), generator=gen(2))
+    idle = torch.randint(n_experts // 2, n_experts, (2, 40, top_k), generator=gen(3))
+    forced = torch.where(torch.rand(2, 40, top_k, generator=gen(4)) < 0.9, busy, idle)
+    counts = torch.bincount(forced.flatten(), minlength=n_experts)
+    assert len(moe_module.padding_buckets(counts).blocks) == 2
 
     def run(reference: bool):
         moe.use_loop_reference = reference

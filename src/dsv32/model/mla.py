@@ -179,14 +179,39 @@ def _sdpa(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     On CPU a v narrower than q/k is zero-padded to their head dim: torch's fused (flash) CPU kernel
     needs equal head dims and otherwise falls back to the math path, which materialises every score
     and the causal mask (about 2x slower forward + backward here). The padded output columns are
-    zeros and are sliced off.
+    zeros and are sliced off. In bf16 on CPU, short sequences take `_small_attention` instead.
     """
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and \
+            q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= SMALL_ATTENTION_SCORES:
+        return _small_attention(q, k, v, mask, scale)
     v_dim = v.shape[-1]
     if q.device.type == "cpu" and v_dim < q.shape[-1]:
         v = F.pad(v, (0, q.shape[-1] - v_dim))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],
                                          is_causal=mask is None, scale=scale)
     return out[..., :v_dim]
+
+
+SMALL_ATTENTION_SCORES = 1 << 25   # score entries (batch x heads x queries x keys): 64 MB in bf16
+
+
+def _small_attention(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Attention as two batched matmuls around a softmax, every score materialised (bf16 CPU only).
+
+    torch's CPU flash kernel runs bf16 at about fp32 speed; for the short sequences of CPU training
+    (256 tokens, 8 heads) the plain form takes about 40% of its forward + backward time. The rounding
+    is that of eager attention under autocast: scaled scores accumulated in fp32 and rounded once to
+    bf16, the softmax computed in fp32 and rounded once to bf16.
+    """
+    batch, heads, seq, qk_dim = q.shape
+    n_keys = k.shape[2]
+    allowed = mask if mask is not None else _causal(seq, q.device)                 # [batch|1, seq, keys]
+    bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+    bias = bias[:, None].expand(batch, heads, seq, n_keys).reshape(batch * heads, seq, n_keys)
+    scores = torch.baddbmm(bias, q.reshape(-1, seq, qk_dim), k.reshape(-1, n_keys, qk_dim).transpose(1, 2),
+                           alpha=scale)                                          # [batch * heads, seq, keys]
+    out = torch.bmm(torch.softmax(scores, dim=-1), v.reshape(-1, n_keys, v.shape[-1]))
+    return out.view(batch, heads, seq, -1)
 
 
 def _masked_softmax(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

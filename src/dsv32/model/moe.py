@@ -131,6 +131,37 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 MAX_PADDING = 1.5
 
 
+@dataclass
+class PaddingBuckets:
+    """How `Experts._padded` lays out the sorted token copies: `blocks` of (experts, capacity), expert e's
+    rows starting at `first_slot[e]`, `n_slots` rows in all."""
+    blocks: list[tuple[torch.Tensor, int]]
+    first_slot: torch.Tensor
+    n_slots: int
+
+
+def padding_buckets(counts: torch.Tensor) -> PaddingBuckets:
+    """One block padded to the busiest expert's count, or two when that saves at least a tenth of the rows.
+
+    Routing is uneven (an untrained router sends some experts ~1.5x the mean), and one block pads every
+    expert to the busiest one. Two blocks (the busiest experts, then the rest padded to the next-busiest
+    count) cost two more matmuls and save the padding that the split removes.
+    """
+    n_experts = counts.numel()
+    sorted_counts, by_load = counts.cpu().sort(descending=True, stable=True)
+    one_block = n_experts * int(sorted_counts[0])
+    split_cost = torch.arange(1, n_experts) * sorted_counts[0] + torch.arange(n_experts - 1, 0, -1) * sorted_counts[1:]
+    split = int(split_cost.argmin()) + 1 if n_experts > 1 else n_experts
+    if n_experts == 1 or int(split_cost[split - 1]) > 0.9 * one_block:
+        blocks = [(torch.arange(n_experts), int(sorted_counts[0]))]
+    else:
+        blocks = [(by_load[:split], int(sorted_counts[0])), (by_load[split:], int(sorted_counts[split]))]
+    capacity = torch.cat([torch.full((len(e),), c) for e, c in blocks])      # per expert, in block order
+    first_slot = torch.empty(n_experts, dtype=torch.long)
+    first_slot[torch.cat([e for e, _ in blocks])] = torch.cumsum(capacity, 0) - capacity
+    return PaddingBuckets(blocks, first_slot, int(capacity.sum()))
+
+
 class Experts(nn.Module):
     """`n_experts` SwiGLU experts held as stacked weights."""
 
@@ -150,9 +181,9 @@ class Experts(nn.Module):
         dtype = _compute_dtype(x)
         gate_up = torch.cat((self.gate_proj, self.up_proj), dim=1).to(dtype)   # [experts, 2 * inter, dim]
         down = self.down_proj.to(dtype)
-        capacity = int(counts.max())
-        if x.device.type == "cpu" and capacity * self.n_experts <= MAX_PADDING * flat_expert.numel():
-            out = self._padded(x.to(dtype), order, counts, capacity, gate_up, down, top_k)
+        buckets = padding_buckets(counts) if x.device.type == "cpu" else None
+        if buckets is not None and buckets.n_slots <= MAX_PADDING * flat_expert.numel():
+            out = self._padded(x.to(dtype), order, counts, buckets, gate_up, down, top_k)
         else:
             out = self._grouped(x.to(dtype), order, counts, gate_up, down, top_k)
         out = out * routing.weights.flatten()[:, None].to(out.dtype)   # [tokens * top_k, hidden], copy order
@@ -174,25 +205,36 @@ class Experts(nn.Module):
         out = _grouped_matmul(h, down.transpose(1, 2), offsets)
         return _GatherRows.apply(out, inverse, order, 1)
 
-    def _padded(self, x, order, counts, capacity, gate_up, down, top_k):
-        """Batched matmuls over a [experts, capacity, hidden] block, expert e's copies in rows [0, counts[e]).
+    def _padded(self, x, order, counts, buckets: "PaddingBuckets", gate_up, down, top_k):
+        """Batched matmuls over padded blocks: each bucket of experts is an [experts, capacity, hidden] block,
+        expert e's copies in its first counts[e] rows.
 
         Padding rows are zero, so whatever gradient reaches them meets zero activations and adds
         nothing to the weight gradients.
         """
-        n_slots, device = self.n_experts * capacity, order.device
+        device = order.device
         expert = torch.repeat_interleave(torch.arange(self.n_experts, device=device), counts)   # of sorted row i
         starts = torch.cumsum(counts, 0) - counts
-        slot = expert * capacity + torch.arange(order.numel(), device=device) - starts[expert]  # block row of sorted row i
+        slot = buckets.first_slot.to(device)[expert] + torch.arange(order.numel(), device=device) - starts[expert]
         slot_of_copy = torch.empty_like(slot)
         slot_of_copy[order] = slot
-        copy_in_slot = torch.zeros(n_slots, dtype=order.dtype, device=device)  # padding: copy 0's (ignored) gradient
+        copy_in_slot = torch.zeros(buckets.n_slots, dtype=order.dtype, device=device)  # padding: copy 0's (ignored) gradient
         copy_in_slot[slot] = order
-        filled = torch.zeros(n_slots, dtype=torch.bool, device=device)
+        filled = torch.zeros(buckets.n_slots, dtype=torch.bool, device=device)
         filled[slot] = True
         xp = _GatherRows.apply(x, copy_in_slot // top_k, slot_of_copy, top_k, (~filled).nonzero().flatten())
-        h = self._swiglu(torch.bmm(xp.view(self.n_experts, capacity, -1), gate_up.transpose(1, 2)))
-        out = torch.bmm(h, down.transpose(1, 2)).flatten(0, 1)                  # [experts * capacity, hidden]
+        outs, row = [], 0
+        for experts, capacity in buckets.blocks:
+            if capacity == 0:
+                continue
+            n_rows = len(experts) * capacity
+            block = xp[row:row + n_rows].view(len(experts), capacity, x.shape[-1])  # [experts, capacity, hidden]
+            w_in, w_out = (gate_up, down) if len(experts) == self.n_experts else \
+                (gate_up[experts.to(device)], down[experts.to(device)])
+            h = self._swiglu(torch.bmm(block, w_in.transpose(1, 2)))
+            outs.append(torch.bmm(h, w_out.transpose(1, 2)).flatten(0, 1))       # [experts * capacity, hidden]
+            row += n_rows
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return _GatherRows.apply(out, slot_of_copy, copy_in_slot, 1)
 
     def forward_loop(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
