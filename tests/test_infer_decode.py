@@ -99,3 +99,27 @@ def test_topk_positions_is_the_stable_sort_set(seed):
         got = topk_positions(scores, allowed, k)
         want = select_topk(scores, allowed, k)
         assert torch.equal(got, want.sort(dim=-1).values)  # the same set, in position order
+
+
+@pytest.mark.parametrize("tokens", [3, 12])
+def test_active_experts_equal_the_loop_reference(monkeypatch, tokens):
+    """3 tokens x top-2 of 8 experts: one SwiGLU per active expert; 12 tokens: the padded batched block
+    (more copies than experts). Expert 7 gets nothing in the second case."""
+    from dsv32.infer import decode as decode_module
+    from dsv32.model.moe import Experts, Routing
+
+    torch.manual_seed(0)
+    experts = Experts(8, 32, 16)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(tokens, 32, generator=g)
+    indices = torch.randint(0, 7, (tokens, 2), generator=g)
+    routing = Routing(weights=torch.rand(tokens, 2, generator=g), indices=indices, scores=None)
+    calls, padded = [], decode_module._padded_experts
+    monkeypatch.setattr(decode_module, "_padded_experts", lambda *a: calls.append(1) or padded(*a))
+    with torch.inference_mode():
+        got = decode_module._active_experts(experts, x, routing)
+        want = experts.forward_loop(x, routing)
+    assert len(calls) == (1 if tokens * 2 > 8 else 0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
