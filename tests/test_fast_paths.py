@@ -232,3 +232,38 @@ def test_two_padded_blocks_equal_the_loop_reference(monkeypatch):
 
     for a, b in zip(run(False), run(True)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_head_losses_equal_cross_entropy_of_the_logits():
+    """`labels=` and `mtp_labels=` (what the trainer uses) against F.cross_entropy of the main and MTP logits:
+    the same loss sums and the same parameter gradients, on packed rows with ignored targets."""
+    cfg = ModelConfig.preset("nano").replace(num_nextn_predict_layers=2)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=gen(1))
+    doc_ids = torch.tensor([0] * 10 + [1] * 14).expand(2, -1)
+    labels = torch.cat((ids[:, 1:], torch.full_like(ids[:, :1], -100)), dim=1)
+    labels[0, :5] = -100
+    depth_labels = [labels[:, 1 + k:] for k in range(2)]
+
+    def run(fused: bool):
+        model.zero_grad(set_to_none=True)
+        if fused:
+            out = model(ids, doc_ids=doc_ids, return_mtp=True, labels=labels, mtp_labels=depth_labels)
+            assert out.logits is None and out.mtp_logits == []
+            sums = [out.loss_sum] + out.mtp_loss_sums
+        else:
+            out = model(ids, doc_ids=doc_ids, return_mtp=True)
+            sums = [F.cross_entropy(lg.float().flatten(0, 1), lb.flatten(), ignore_index=-100, reduction="sum")
+                    for lg, lb in zip([out.logits] + out.mtp_logits, [labels] + depth_labels)]
+        sum(s * (i + 1) for i, s in enumerate(sums)).backward()
+        return [s.detach() for s in sums], [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    (fused, fused_grads), (plain, plain_grads) = run(True), run(False)
+    assert len(fused) == 3
+    with pytest.raises(ValueError, match="mtp_labels has 1 depths"):
+        model(ids, return_mtp=True, labels=labels, mtp_labels=depth_labels[:1])
+    torch.testing.assert_close(torch.stack(fused), torch.stack(plain), rtol=1e-5, atol=1e-4)
+    assert len(fused_grads) == len(plain_grads)
+    for a, b in zip(fused_grads, plain_grads):   # fp32, summed in another order: relative to each gradient's size
+        assert float((a - b).norm() / b.norm().clamp_min(1e-12)) < 1e-5

@@ -33,6 +33,7 @@ class ModelOutput:
     indexer_loss: torch.Tensor | None = None               # mean KL of the DSA indexers, when asked
     hidden_states: torch.Tensor | None = None              # final-normed hidden [batch, seq, hidden]
     loss_sum: torch.Tensor | None = None                   # with labels: summed cross-entropy of the main head (fp32)
+    mtp_loss_sums: list[torch.Tensor] = field(default_factory=list)  # with mtp_labels: the same per MTP depth
 
 
 class Block(nn.Module):
@@ -143,6 +144,7 @@ class Transformer(nn.Module):
         logits_to_keep: int = 0,
         forced_routing: list[torch.Tensor] | None = None,
         labels: torch.Tensor | None = None,
+        mtp_labels: list[torch.Tensor] | None = None,
     ) -> ModelOutput:
         """Causal forward over input_ids [batch, seq].
 
@@ -155,6 +157,8 @@ class Transformer(nn.Module):
         positions' logits. forced_routing: per MoE layer expert indices [batch, seq, top_k] to replay.
         labels: [batch, seq] targets of the main head (-100: none); then `loss_sum` is their summed
         cross-entropy, computed chunk by chunk without materialising the logits (`logits` is None).
+        mtp_labels: with return_mtp, the targets of each MTP depth k [batch, seq-1-k]; then `mtp_loss_sums`
+        holds their summed cross-entropies the same way (`mtp_logits` stays empty).
         """
         cfg = self.config
         self._check_ids(input_ids)
@@ -185,7 +189,9 @@ class Transformer(nn.Module):
             layer.self_attn.last_indexer_loss = None
         hidden = self.norm(h)
 
-        mtp_logits = []
+        mtp_logits, mtp_loss_sums = [], []
+        if mtp_labels is not None and len(mtp_labels) < len(self.mtp):
+            raise ValueError(f"mtp_labels has {len(mtp_labels)} depths, the model {len(self.mtp)}")
         if return_mtp and self.mtp and seq > 1:
             h_prev = hidden
             for k, mtp in enumerate(self.mtp):
@@ -199,7 +205,11 @@ class Transformer(nn.Module):
                 moe_stats.append(stats)
                 idx_losses.append(mtp.self_attn.last_indexer_loss)
                 mtp.self_attn.last_indexer_loss = None
-                mtp_logits.append(self.lm_head(mtp.shared_head.norm(h_prev)))
+                mtp_hidden = mtp.shared_head.norm(h_prev)
+                if mtp_labels is not None:
+                    mtp_loss_sums.append(linear_cross_entropy(mtp_hidden, self.lm_head.weight, mtp_labels[k]))
+                else:
+                    mtp_logits.append(self.lm_head(mtp_hidden))
 
         if labels is not None:
             if labels.shape != input_ids.shape:
@@ -220,6 +230,7 @@ class Transformer(nn.Module):
             indexer_loss=torch.stack(losses).mean() if losses else None,
             hidden_states=hidden,
             loss_sum=loss_sum,
+            mtp_loss_sums=mtp_loss_sums,
         )
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:

@@ -20,7 +20,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from dsv32.config import ModelConfig
 from dsv32.data.loader import IGNORE_INDEX, PackedLoader
@@ -39,11 +38,6 @@ def resolve_device(name: str) -> torch.device:
 
 
 # ---------------------------------------------------------------------- losses
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy over the positions whose label is not IGNORE_INDEX (fp32)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-
-
 @torch.no_grad()
 def loss_totals(model, batches, token_bytes: torch.Tensor | None = None, autocast=nullcontext, device=None) -> torch.Tensor:
     """[nats, target tokens, target bytes] (float64) summed over `batches` of `PackedLoader` form; the
@@ -55,8 +49,8 @@ def loss_totals(model, batches, token_bytes: torch.Tensor | None = None, autocas
         labels = batch["labels"].to(device)
         with autocast():
             out = model(batch["input_ids"].to(device), positions=batch["position_ids"].to(device),
-                        doc_ids=batch["doc_starts"].to(device).cumsum(1))
-        totals[0] += token_loss_sum(out.logits, labels).double()
+                        doc_ids=batch["doc_starts"].to(device).cumsum(1), labels=labels)
+        totals[0] += out.loss_sum.double()
         valid = labels != IGNORE_INDEX
         totals[1] += valid.sum()
         if table is not None:
@@ -179,13 +173,15 @@ class Trainer(ResumableTrainer):
         positions = batch["position_ids"].to(self.device)
         use_mtp = cfg.mtp_lambda > 0 and self.model_config.num_nextn_predict_layers > 0
         indexer_loss = {"off": None, "dense_warmup": "dense", "sparse": "sparse"}[cfg.indexer_stage]
+        depth_labels = [mtp_labels(labels, doc_ids, k) for k in range(self.model_config.num_nextn_predict_layers)] \
+            if use_mtp else None
+        # the losses come from the model's fused head (`labels=`): no [tokens, vocab] logits are kept
         with self.autocast():
             out = self.model(ids, positions=positions, doc_ids=doc_ids, return_mtp=use_mtp,
-                             indexer_loss=indexer_loss)
-        parts = {"lm": token_loss_sum(out.logits, labels) / max(n_targets, 1.0)}
-        if use_mtp and out.mtp_logits:
-            mtp_sum = sum(token_loss_sum(lg, mtp_labels(labels, doc_ids, k)) for k, lg in enumerate(out.mtp_logits))
-            parts["mtp"] = mtp_sum / max(n_mtp_targets, 1.0) / len(out.mtp_logits)
+                             indexer_loss=indexer_loss, labels=labels, mtp_labels=depth_labels)
+        parts = {"lm": out.loss_sum / max(n_targets, 1.0)}
+        if use_mtp and out.mtp_loss_sums:
+            parts["mtp"] = sum(out.mtp_loss_sums) / max(n_mtp_targets, 1.0) / len(out.mtp_loss_sums)
         if out.aux_loss is not None:
             # a mean over this rank's sequences: weight it by its share of the step's sequences
             parts["balance"] = out.aux_loss / (cfg.grad_accum * self.dist.world_size)
