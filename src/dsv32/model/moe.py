@@ -205,7 +205,7 @@ class Experts(nn.Module):
         out = _grouped_matmul(h, down.transpose(1, 2), offsets)
         return _GatherRows.apply(out, inverse, order, 1)
 
-    def _padded(self, x, order, counts, buckets: "PaddingBuckets", gate_up, down, top_k):
+    def _padded(self, x, order, counts, buckets: PaddingBuckets, gate_up, down, top_k):
         """Batched matmuls over padded blocks: each bucket of experts is an [experts, capacity, hidden] block,
         expert e's copies in its first counts[e] rows.
 
