@@ -11,8 +11,9 @@ a measurable improvement on its own metric over the stage before it:
     grpo      held-out arithmetic accuracy (greedy), SFT vs SFT + GRPO
     eval      the evaluation table of all three checkpoints, which the card reports
 
-The default budgets are sized for 2 CPU cores: 15 minutes of stages (`make demo` from a fresh clone,
-venv included, took 16 min 14 s); every one is a field of `SpeedrunConfig` and a `--set key=value` flag.
+The default budgets are sized for 2 CPU cores: 15-16 minutes of stages (`make demo` from a fresh clone,
+venv included, took 16 min 14 s, and 17 min 17 s on a slower day); every one is a field of
+`SpeedrunConfig` and a `--set key=value` flag.
 """
 from __future__ import annotations
 
