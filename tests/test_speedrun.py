@@ -26,6 +26,7 @@ def tiny_budget(out: Path, corpus: Path) -> SpeedrunConfig:
     return SpeedrunConfig(out=str(out), preset="nano", corpus=str(corpus), vocab_size=320, seq_len=64,
                           pretrain_steps=4, pretrain_batch=2, pretrain_lr=1e-2,
                           sft_examples={"arithmetic": 24, "word_problem": 8, "tool_use": 8}, sft_steps=3, sft_batch=4,
+                          sft_mixed_steps=2, precision="fp32",
                           grpo_steps=1, grpo_prompts=2, grpo_generations=2, grpo_max_tokens=12, eval_problems=2,
                           progress=False)
 
@@ -53,13 +54,18 @@ def test_every_stage_finishes_and_records_its_metric(finished_run):
     # even four steps at a high learning rate move a random model's held-out bits/byte down
     assert pre["val_bpb_end"] < pre["val_bpb_start"]
     sft = summary["stages"]["sft"]
-    assert set(sft["accuracy_sft"]) == {"arithmetic", "wordproblems", "tools"}
-    assert all(0.0 <= v <= 1.0 for v in sft["accuracy_sft"].values())
+    for phase in ("accuracy_worked", "accuracy_sft"):   # worked solutions, then direct answers mixed in
+        assert set(sft[phase]) == {"arithmetic", "wordproblems", "tools"}
+        assert all(0.0 <= v <= 1.0 for v in sft[phase].values())
+    # the second phase trained on from the first one's export, on its own mixture
+    assert json.loads((run / "sft" / "config.json").read_text())["train"]["init"] == str(run / "sft" / "worked" / "final")
+    assert json.loads((run / "sft" / "config.json").read_text())["train"]["data"] == str(run / "data" / "sft_mixed")
     grpo = summary["stages"]["grpo"]
     assert 0.0 <= grpo["accuracy_sft"] <= 1.0 and 0.0 <= grpo["accuracy_grpo"] <= 1.0
+    assert 0.0 <= grpo["direct_answers_sft"] <= 1.0 and 0.0 <= grpo["direct_answers_grpo"] <= 1.0
     assert set(grpo["reward_trend"]) == {"total", "accuracy", "steps", "format"}   # each reward's first/second half
-    for stage in ("pretrain", "sft", "grpo"):
-        assert (run / stage / "final" / "config.json").exists()
+    for stage, folder in (("pretrain", "pretrain"), ("sft_worked", "sft/worked"), ("sft", "sft"), ("grpo", "grpo")):
+        assert (run / folder / "final" / "config.json").exists()
         results = summary["stages"]["eval"]["results"][stage]
         assert results["perplexity"]["bpb"] > 0 and results["arithmetic"]["n"] == cfg.eval_problems
     # SFT and GRPO exports are thinking-mode models (the chat and serve paths start in thinking mode)
@@ -105,6 +111,9 @@ def test_card_reports_architecture_stages_curves_and_evaluation(finished_run):
     assert not re.search(r"(src|href)=['\"]?(https?:|//)", page)
     assert "dsv32 speedrun --preset nano" in md and "--set" in md
     assert "training reward `steps`" in md and "1 x accuracy + 0.5 x steps + 0.2 x format" in md
+    assert "### Supervised fine-tuning on worked solutions: settings" in md
+    assert "### Supervised fine-tuning with direct answers mixed in: settings" in md
+    assert "held-out arithmetic answered without working" in md
     assert "training reward <code>steps</code>" in page   # inline code rendered in HTML table cells too
 
 
@@ -123,6 +132,45 @@ def test_markdown_rendering_of_blocks(tmp_path):
     assert render_markdown(blocks, tmp_path) == "## T\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n- x\n\n![cap](a.png)\n\n*cap*\n\n```\ncmd\n```\n"
 
 
+def test_second_sft_phase_answers_a_share_of_problems_directly(finished_run):
+    from dsv32.train.r1 import DIRECT_REASONING
+
+    cfg, run, _ = finished_run
+    rows = [json.loads(line)["messages"] for line in (run / "data" / "sft_mixed.jsonl").read_text().splitlines()]
+    first = [json.loads(line)["messages"] for line in (run / "data" / "sft.jsonl").read_text().splitlines()]
+    assert len(rows) == len(first) == sum(cfg.sft_examples.values())
+    assert rows != first   # new problems, not the first phase's again
+    direct = [m for m in rows if m[-1].get("reasoning_content") == DIRECT_REASONING]
+    n_arith, n_word = cfg.sft_examples["arithmetic"], cfg.sft_examples["word_problem"]
+    assert len(direct) == round(n_arith * cfg.sft_direct_fraction) + round(n_word * cfg.sft_direct_fraction)
+    assert all(m[-1]["content"].startswith("Answer:") for m in direct)   # the answer stays; the working goes
+    assert not any(m[-1].get("reasoning_content") == DIRECT_REASONING for m in first)
+
+
+def test_direct_share_counts_answers_without_working(tmp_path):
+    from dsv32.speedrun import _direct_share
+    from dsv32.train.r1 import DIRECT_REASONING
+
+    folder = tmp_path / "eval" / "sft" / "arithmetic"
+    folder.mkdir(parents=True)
+    rows = [{"reasoning": DIRECT_REASONING}, {"reasoning": "Compute 2 + 3.\nones: 2 + 3 + carry 0 = 5"},
+            {"reasoning": None}, {"reasoning": f" {DIRECT_REASONING}\n"}]
+    (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _direct_share(tmp_path, "sft") == 0.5
+    assert _direct_share(tmp_path, "grpo") is None   # not evaluated
+
+
+def test_auto_precision_takes_bf16_only_with_bf16_instructions(monkeypatch):
+    from dsv32.speedrun import resolve_precision
+
+    assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for avx512_bf16, amx, expected in ((False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert resolve_precision("auto") == expected
+
+
 def test_reproduce_command_lists_only_changed_budgets():
     cmd = reproduce_command(SpeedrunConfig(out="runs/x", pretrain_steps=7, sft_examples={"arithmetic": 5}))
     assert cmd == ("dsv32 speedrun --preset tiny --seed 0 --out runs/x --set pretrain_steps=7 "
@@ -133,6 +181,8 @@ def test_reproduce_command_lists_only_changed_budgets():
     (["speedrun", "--preset", "huge"], "unknown preset"),
     (["speedrun", "--set", "nope=1"], "--set takes KEY=VALUE"),
     (["speedrun", "--until", "nowhere"], "--until must be one of"),
+    (["speedrun", "--set", "precision=fp16"], "precision='fp16' must be auto, fp32 or bf16"),
+    (["speedrun", "--set", "sft_direct_fraction=1.5"], "direct_fraction=1.5 must be in [0, 1]"),
     (["card", "--run", "/nonexistent/run"], "no such run directory"),
 ])
 def test_cli_errors_are_one_line(argv, message, tmp_path):

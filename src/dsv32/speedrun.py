@@ -7,13 +7,18 @@ re-run loads finished stages instead of redoing them, and `--fresh` starts over.
 a measurable improvement on its own metric over the stage before it:
 
     pretrain  validation bits per byte on held-out standard-library files, before vs after
-    sft       held-out task accuracy (arithmetic in thinking mode, tool use, word problems) base vs SFT
+    sft       held-out task accuracy (arithmetic in thinking mode, tool use, word problems), base vs the
+              model SFT-trained on worked solutions
     grpo      held-out arithmetic accuracy (greedy), SFT vs SFT + GRPO
-    eval      the evaluation table of all three checkpoints, which the card reports
+    eval      the evaluation table of every checkpoint, which the card reports
 
-The default budgets are sized for 2 CPU cores: 15-16 minutes of stages (`make demo` from a fresh clone,
-venv included, took 16 min 14 s, and 17 min 17 s on a slower day); every one is a field of
-`SpeedrunConfig` and a `--set key=value` flag.
+SFT runs in two phases, as R1's and V3.2's SFT data mix reasoning with non-reasoning answers: first the
+worked solutions, then a short phase on the same mixture in which `sft_direct_fraction` of the arithmetic
+and word-problem traces answer without working. That model leans towards answering directly, and GRPO has
+a choice to learn from the reward alone: that working the problem out pays.
+
+The default budgets are sized for 2 CPU cores (bf16 autocast where the CPU has bf16 matmuls); every one is
+a field of `SpeedrunConfig` and a `--set key=value` flag.
 """
 from __future__ import annotations
 
@@ -45,17 +50,28 @@ class SpeedrunConfig:
     pretrain_batch: int = 8
     pretrain_lr: float = 3e-3
     seq_len: int = 256
+    # pretraining and SFT: "bf16" autocast, "fp32", or "auto" (bf16 on CUDA or a CPU with bf16 matmul
+    # instructions, where it is ~1.3x faster at this size; fp32 elsewhere)
+    precision: str = "auto"
     # SFT mixture: generated training-split conversations per task kind
     # (tool-use conversations carry ~600 tokens of tool schemas each: few of them go a long way)
-    sft_examples: dict = field(default_factory=lambda: {"arithmetic": 4000, "word_problem": 400, "tool_use": 150})
-    sft_steps: int = 280
+    sft_examples: dict = field(default_factory=lambda: {"arithmetic": 4000, "word_problem": 200, "tool_use": 60})
+    # SFT phase 1, worked solutions: warmup-stable-decay with a long decay, in which most of the held-out
+    # accuracy appears (a 400-step run: 2% held-out arithmetic before its decay, 25% after it)
+    sft_steps: int = 300
     sft_batch: int = 16
-    sft_lr: float = 2e-3
+    sft_lr: float = 3e-3
+    # SFT phase 2: the same kinds of conversations (new problems), this share of the arithmetic and
+    # word-problem traces answering without working
+    sft_direct_fraction: float = 0.6
+    sft_mixed_steps: int = 50
+    sft_mixed_lr: float = 5e-4
     # GRPO on arithmetic
     grpo_steps: int = 10
     grpo_prompts: int = 8
     grpo_generations: int = 8
     grpo_lr: float = 5e-5
+    grpo_temperature: float = 0.8   # sampling; below 1 the worked answers it samples are right more often
     grpo_max_tokens: int = 128
     # evaluation: held-out (test split) problems per task and model
     eval_problems: int = 48
@@ -64,6 +80,15 @@ class SpeedrunConfig:
 
     def replace(self, **changes) -> "SpeedrunConfig":
         return dataclasses.replace(self, **changes)
+
+    def validate(self) -> "SpeedrunConfig":
+        """Settings a later stage would only reject after the earlier ones had run."""
+        from dsv32.train.r1 import check_direct_fraction
+
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision={self.precision!r} must be auto, fp32 or bf16")
+        check_direct_fraction(self.sft_direct_fraction)
+        return self
 
 
 # ---------------------------------------------------------------------- stage bookkeeping
@@ -109,17 +134,19 @@ def _task_texts(cfg: SpeedrunConfig) -> list[str]:
     return texts
 
 
-def sft_conversations(cfg: SpeedrunConfig, path: Path) -> int:
+def sft_conversations(cfg: SpeedrunConfig, path: Path, direct_fraction: float = 0.0, seed: int | None = None) -> int:
     """The SFT mixture as JSONL, every conversation in thinking mode: the worked steps of arithmetic and
-    word problems become the reasoning and the "Answer:" line the reply; tool-use references carry
-    their own reasoning."""
-    from dsv32.train.r1 import reasoning_messages
+    word problems become the reasoning and the "Answer:" line the reply (for `direct_fraction` of them,
+    a one-line reasoning instead); tool-use references carry their own reasoning."""
+    from dsv32.train.r1 import direct_choices, reasoning_messages
     from dsv32.train.rollout import load_prompts
 
+    seed = cfg.seed if seed is None else seed
     rows = []
     for kind, n in cfg.sft_examples.items():
-        prompts = load_prompts(kind, "train", n, cfg.seed, ARITHMETIC if kind == "arithmetic" else None)
-        rows += [reasoning_messages(p.task) for p in prompts]
+        prompts = load_prompts(kind, "train", n, seed, ARITHMETIC if kind == "arithmetic" else None)
+        direct = direct_choices(len(prompts), direct_fraction if kind != "tool_use" else 0.0, seed)
+        rows += [reasoning_messages(p.task, skip) for p, skip in zip(prompts, direct)]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -133,13 +160,17 @@ def run_data(cfg: SpeedrunConfig, run: Path) -> dict:
     from dsv32.data.prepare import prepare
 
     tok = run / "tokenizer"
-    for name in ("pretrain", "sft"):
+    for name in ("pretrain", "sft", "sft_mixed"):
         shutil.rmtree(run / "data" / name, ignore_errors=True)   # a half-written directory from a crash
     pre = prepare([cfg.corpus], tok, run / "data" / "pretrain", show_progress=cfg.progress)
     n_conv = sft_conversations(cfg, run / "data" / "sft.jsonl")
     sft = prepare([str(run / "data" / "sft.jsonl")], tok, run / "data" / "sft", validation_fraction=0.03,
                   thinking="auto", show_progress=cfg.progress)
-    return {"pretrain_tokens": _split_tokens(pre), "sft_conversations": n_conv, "sft_tokens": _split_tokens(sft)}
+    n_mixed = sft_conversations(cfg, run / "data" / "sft_mixed.jsonl", cfg.sft_direct_fraction, seed=cfg.seed + 1)
+    mixed = prepare([str(run / "data" / "sft_mixed.jsonl")], tok, run / "data" / "sft_mixed", validation_fraction=0.03,
+                    thinking="auto", show_progress=cfg.progress)
+    return {"pretrain_tokens": _split_tokens(pre), "sft_conversations": n_conv, "sft_tokens": _split_tokens(sft),
+            "sft_mixed_conversations": n_mixed, "sft_mixed_tokens": _split_tokens(mixed)}
 
 
 def _split_tokens(manifest: dict) -> dict:
@@ -152,7 +183,8 @@ def run_pretrain(cfg: SpeedrunConfig, run: Path) -> dict:
     train = TrainConfig(stage="pretrain", out=str(run / "pretrain"), data=str(run / "data" / "pretrain"),
                         tokenizer=str(run / "tokenizer"), preset=cfg.preset, model=dict(cfg.model), seed=cfg.seed,
                         seq_len=cfg.seq_len, batch_size=cfg.pretrain_batch, steps=cfg.pretrain_steps,
-                        lr=cfg.pretrain_lr, warmup_steps=max(1, cfg.pretrain_steps // 10), schedule="wsd",
+                        precision=resolve_precision(cfg.precision), lr=cfg.pretrain_lr,
+                        warmup_steps=max(1, cfg.pretrain_steps // 10), schedule="wsd",
                         eval_every=max(1, cfg.pretrain_steps // 4), eval_batches=8,
                         ckpt_every=max(1, cfg.pretrain_steps // 2), keep_last=1, progress=cfg.progress)
     val = _train(train, run / "pretrain")
@@ -164,17 +196,40 @@ def run_pretrain(cfg: SpeedrunConfig, run: Path) -> dict:
 def run_sft(cfg: SpeedrunConfig, run: Path) -> dict:
     from dsv32.train.config import TrainConfig
 
-    train = TrainConfig(stage="sft", out=str(run / "sft"), data=str(run / "data" / "sft"),
-                        tokenizer=str(run / "tokenizer"), init=str(run / "pretrain" / "final"), seed=cfg.seed,
-                        seq_len=cfg.seq_len, batch_size=cfg.sft_batch, steps=cfg.sft_steps, lr=cfg.sft_lr,
-                        warmup_steps=max(1, cfg.sft_steps // 10), schedule="cosine",
-                        eval_every=max(1, cfg.sft_steps // 4), eval_batches=4,
-                        ckpt_every=max(1, cfg.sft_steps // 2), keep_last=1, progress=cfg.progress)
-    val = _train(train, run / "sft")
-    _mark_thinking(run / "sft" / "final")
-    base, tuned = evaluate_checkpoint(cfg, run, "pretrain"), evaluate_checkpoint(cfg, run, "sft")
+    common = dict(tokenizer=str(run / "tokenizer"), seed=cfg.seed, seq_len=cfg.seq_len, batch_size=cfg.sft_batch,
+                  precision=resolve_precision(cfg.precision), eval_batches=4, keep_last=1, progress=cfg.progress)
+    worked = TrainConfig(stage="sft", out=str(run / "sft" / "worked"), data=str(run / "data" / "sft"),
+                         init=str(run / "pretrain" / "final"), steps=cfg.sft_steps, lr=cfg.sft_lr,
+                         warmup_steps=max(1, cfg.sft_steps // 10), schedule="wsd", decay_fraction=0.3,
+                         eval_every=max(1, cfg.sft_steps // 4), ckpt_every=max(1, cfg.sft_steps // 2), **common)
+    val = _train(worked, run / "sft" / "worked")
+    mixed = TrainConfig(stage="sft", out=str(run / "sft"), data=str(run / "data" / "sft_mixed"),
+                        init=str(run / "sft" / "worked" / "final"), steps=cfg.sft_mixed_steps, lr=cfg.sft_mixed_lr,
+                        warmup_steps=max(1, cfg.sft_mixed_steps // 12), schedule="cosine",
+                        eval_every=max(1, cfg.sft_mixed_steps), ckpt_every=max(1, cfg.sft_mixed_steps), **common)
+    val_mixed = _train(mixed, run / "sft")
+    for phase in ("sft/worked", "sft"):
+        _mark_thinking(run / phase / "final")
+    base, tuned = evaluate_checkpoint(cfg, run, "pretrain"), evaluate_checkpoint(cfg, run, "sft_worked")
+    final = evaluate_checkpoint(cfg, run, "sft")
     return {"val_loss_start": val[0]["val_loss"] if val else None, "val_loss_end": val[-1]["val_loss"] if val else None,
-            "accuracy_base": _accuracies(base), "accuracy_sft": _accuracies(tuned), "settings": _settings(train)}
+            "mixed_val_loss_end": val_mixed[-1]["val_loss"] if val_mixed else None,
+            "accuracy_base": _accuracies(base), "accuracy_worked": _accuracies(tuned), "accuracy_sft": _accuracies(final),
+            "direct_answers_sft": _direct_share(run, "sft"),
+            "settings": _settings(worked), "mixed_settings": _settings(mixed)}
+
+
+def resolve_precision(precision: str) -> str:
+    """"auto": bf16 autocast on CUDA or a CPU with bf16 matmul instructions (AVX512-BF16 or AMX), else fp32,
+    since bf16 emulated with fp32 instructions is slower than fp32 itself."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16"
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return "bf16" if any(probe is not None and probe() for probe in probes) else "fp32"
 
 
 def run_grpo(cfg: SpeedrunConfig, run: Path) -> dict:
@@ -184,15 +239,17 @@ def run_grpo(cfg: SpeedrunConfig, run: Path) -> dict:
     grpo = GRPOConfig(out=str(run / "grpo"), init=str(run / "sft" / "final"), task="arithmetic",
                       task_args=dict(ARITHMETIC), seed=cfg.seed, steps=cfg.grpo_steps,
                       prompts_per_step=cfg.grpo_prompts, num_generations=cfg.grpo_generations, lr=cfg.grpo_lr,
-                      max_completion_length=cfg.grpo_max_tokens, temperature=1.0, top_p=1.0,
+                      max_completion_length=cfg.grpo_max_tokens, temperature=cfg.grpo_temperature, top_p=1.0,
                       rewards=["accuracy", "steps", "format"], reward_weights=[1.0, 0.5, 0.2],
                       eval_prompts=cfg.eval_problems, eval_split="test", eval_every=cfg.grpo_steps,
                       ckpt_every=cfg.grpo_steps, keep_last=1, progress=cfg.progress)
     GRPOTrainer(grpo).run(resume=_has_checkpoint(run / "grpo"))
     _mark_thinking(run / "grpo" / "final")
+    evaluate_checkpoint(cfg, run, "grpo")   # cached for the eval stage; tells how it answers now
     records = read_metrics(run / "grpo" / "metrics.jsonl")
     evals = [r for r in records if "val_accuracy" in r]
     return {"accuracy_sft": evals[0]["val_accuracy"], "accuracy_grpo": evals[-1]["val_accuracy"],
+            "direct_answers_sft": _direct_share(run, "sft"), "direct_answers_grpo": _direct_share(run, "grpo"),
             "reward_trend": {name: _halves([r[key] for r in records if key in r])
                              for name, key in [("total", "reward")] + [(n, f"rewards/{n}/mean") for n in grpo.rewards]},
             "settings": {k: v for k, v in dataclasses.asdict(grpo).items() if k not in ("progress",)}}
@@ -205,19 +262,24 @@ def _halves(values: list[float]) -> list[float]:
 
 
 def run_eval(cfg: SpeedrunConfig, run: Path) -> dict:
-    """Every stage's checkpoint on the same held-out problems and the same held-out code."""
-    return {"results": {stage: evaluate_checkpoint(cfg, run, stage) for stage in ("pretrain", "sft", "grpo")}}
+    """Every checkpoint on the same held-out problems and the same held-out code."""
+    return {"results": {stage: evaluate_checkpoint(cfg, run, stage) for stage in CHECKPOINTS}}
+
+
+# the exported checkpoints, in pipeline order: sft_worked is SFT's first phase (worked solutions only)
+CHECKPOINTS = {"pretrain": "pretrain/final", "sft_worked": "sft/worked/final", "sft": "sft/final",
+               "grpo": "grpo/final"}
 
 
 def evaluate_checkpoint(cfg: SpeedrunConfig, run: Path, stage: str) -> dict:
-    """Held-out tasks (greedy, thinking mode) and bits per byte of one stage's export; computed once,
-    then read back from RUN/eval/<stage>/results.json."""
+    """Held-out tasks (greedy, thinking mode) and bits per byte of one checkpoint; computed once, then
+    read back from RUN/eval/<stage>/results.json."""
     from dsv32.eval import evaluate, perplexity
 
     cached = run / "eval" / stage / "results.json"
     if cached.exists():
         return json.loads(cached.read_text(encoding="utf-8"))
-    model_dir = str(run / stage / "final")
+    model_dir = str(run / CHECKPOINTS[stage])
     common = dict(n=cfg.eval_problems, max_tokens=cfg.grpo_max_tokens, thinking="thinking", seed=cfg.seed,
                   progress=cfg.progress)
     results = {}
@@ -234,6 +296,18 @@ def evaluate_checkpoint(cfg: SpeedrunConfig, run: Path, stage: str) -> dict:
 
 def _accuracies(results: dict) -> dict:
     return {task: r["pass@1"] for task, r in results.items() if "pass@1" in r}
+
+
+def _direct_share(run: Path, stage: str) -> float | None:
+    """The share of a checkpoint's held-out arithmetic answers that skip the working (the one-line
+    reasoning of SFT's direct traces)."""
+    from dsv32.train.r1 import DIRECT_REASONING
+
+    path = run / "eval" / stage / "arithmetic" / "samples.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return sum((r.get("reasoning") or "").strip() == DIRECT_REASONING for r in rows) / len(rows) if rows else None
 
 
 def run_card(cfg: SpeedrunConfig, run: Path) -> dict:
@@ -283,6 +357,7 @@ def _settings(train_cfg) -> dict:
 
 # ---------------------------------------------------------------------- the run
 def speedrun(cfg: SpeedrunConfig, fresh: bool = False, until: str | None = None) -> dict:
+    cfg.validate()
     run = Path(cfg.out)
     if fresh and run.exists():
         shutil.rmtree(run)
@@ -343,15 +418,22 @@ def stage_summary(stage: str, r: dict) -> str:
         return f"{r['vocab_size']} tokens from {r['training_texts']} texts"
     if stage == "data":
         return (f"pretraining {r['pretrain_tokens'].get('train', 0):,} tokens; "
-                f"SFT {r['sft_conversations']:,} conversations, {r['sft_tokens'].get('train', 0):,} tokens")
+                f"SFT {r['sft_conversations']:,} conversations, {r['sft_tokens'].get('train', 0):,} tokens, "
+                f"then {r['sft_mixed_conversations']:,} with direct answers mixed in")
     if stage == "pretrain":
         return f"validation bits/byte {r['val_bpb_start']:.3f} -> {r['val_bpb_end']:.3f}"
     if stage == "sft":
-        parts = [f"{k} {_pct(r['accuracy_base'][k])} -> {_pct(r['accuracy_sft'][k])}" for k in r["accuracy_sft"]]
-        return "held-out accuracy base -> SFT: " + ", ".join(parts)
+        parts = [f"{k} {_pct(r['accuracy_base'][k])} -> {_pct(r['accuracy_worked'][k])} -> {_pct(r['accuracy_sft'][k])}"
+                 for k in r["accuracy_sft"]]
+        return ("held-out accuracy base -> worked solutions -> direct answers mixed in: " + ", ".join(parts)
+                + _direct_note(r.get("direct_answers_sft")))
     if stage == "grpo":
         trend = ", ".join(f"{name} {a:.3f} -> {b:.3f}" for name, (a, b) in r["reward_trend"].items())
-        return (f"held-out arithmetic accuracy {_pct(r['accuracy_sft'])} -> {_pct(r['accuracy_grpo'])}; "
+        direct = ""
+        if r.get("direct_answers_sft") is not None and r.get("direct_answers_grpo") is not None:
+            direct = (f" (arithmetic answered without working {_pct(r['direct_answers_sft'])} -> "
+                      f"{_pct(r['direct_answers_grpo'])})")
+        return (f"held-out arithmetic accuracy {_pct(r['accuracy_sft'])} -> {_pct(r['accuracy_grpo'])}{direct}; "
                 f"training rewards, first half -> second half of the steps: {trend}")
     if stage == "eval":
         rows = []
@@ -362,6 +444,10 @@ def stage_summary(stage: str, r: dict) -> str:
     if stage == "card":
         return f"{r['markdown']} and {r['html']}"
     return ""
+
+
+def _direct_note(share: float | None) -> str:
+    return "" if share is None else f" (arithmetic answered without working: {_pct(share)})"
 
 
 def print_summary(summary: dict) -> None:

@@ -184,6 +184,13 @@ def stages_section(run: Path, stages: dict, settings: dict) -> list[Block]:
         items.append(f"SFT data: {data['sft_conversations']:,} generated conversations "
                      f"({', '.join(f'{k} {v}' for k, v in settings.get('sft_examples', {}).items())}), all in thinking "
                      f"mode, {data['sft_tokens'].get('train', 0):,} tokens; loss on assistant tokens only.")
+        if "sft_mixed_conversations" in data:
+            share = settings.get("sft_direct_fraction")
+            items.append(f"SFT's second phase: {data['sft_mixed_conversations']:,} new conversations of the same kinds, "
+                         + (f"{share:.0%} of the arithmetic and word-problem ones answering without working "
+                            if share is not None else "some answering without working ")
+                         + "(a one-line reasoning, then the answer), as R1's and V3.2's SFT data mix reasoning with "
+                           "non-reasoning answers. GRPO then has to learn from the reward alone when working pays.")
         items.append("Held-out evaluation problems come from the generators' test split, which no training stage sees.")
     blocks.append(Block("list", rows=items))
     rows = [["stage", "what it optimises", "metric", "before", "after", "wall time"]]
@@ -193,9 +200,18 @@ def stages_section(run: Path, stages: dict, settings: dict) -> list[Block]:
                      _num(r["val_bpb_end"]), f"{r['seconds']:.0f}s"])
     if "sft" in stages:
         r = stages["sft"]
-        for task in r["accuracy_sft"]:
-            rows.append(["sft", "assistant-token loss", f"held-out {TASK_LABELS.get(task, task)} accuracy",
-                         _pct(r["accuracy_base"].get(task)), _pct(r["accuracy_sft"][task]), f"{r['seconds']:.0f}s"])
+        worked = r.get("accuracy_worked", r["accuracy_sft"])
+        for task in worked:
+            rows.append(["sft", "assistant-token loss on worked solutions",
+                         f"held-out {TASK_LABELS.get(task, task)} accuracy", _pct(r["accuracy_base"].get(task)),
+                         _pct(worked[task]), f"{r['seconds']:.0f}s"])
+        if "accuracy_worked" in r:
+            rows.append(["sft", "... then with direct answers mixed in", "held-out arithmetic accuracy",
+                         _pct(worked.get("arithmetic")), _pct(r["accuracy_sft"].get("arithmetic")), ""])
+    if "grpo" in stages and stages["grpo"].get("direct_answers_grpo") is not None:
+        r = stages["grpo"]
+        rows.append(["sft / grpo", "", "held-out arithmetic answered without working", _pct(r["direct_answers_sft"]),
+                     _pct(r["direct_answers_grpo"]), ""])
     if "grpo" in stages:
         r = stages["grpo"]
         s = r.get("settings", {})
@@ -206,16 +222,20 @@ def stages_section(run: Path, stages: dict, settings: dict) -> list[Block]:
             rows.append(["grpo", "", f"training reward `{name}`, first vs second half of the steps", _num(first),
                          _num(second), ""])
     blocks.append(Block("table", rows=rows))
-    for stage, title in (("pretrain", "Pretraining"), ("sft", "Supervised fine-tuning"), ("grpo", "GRPO")):
-        if stage not in stages:
+    phases = (("pretrain", "pretrain", "settings", "Pretraining"),
+              ("sft", "sft/worked", "settings", "Supervised fine-tuning on worked solutions"),
+              ("sft", "sft", "mixed_settings", "Supervised fine-tuning with direct answers mixed in"),
+              ("grpo", "grpo", "settings", "GRPO"))
+    for stage, folder, key, title in phases:
+        if stage not in stages or key not in stages[stage]:
             continue
-        blocks.append(Block("h3", f"{title} settings"))
-        blocks.append(Block("code", _settings_text(stages[stage].get("settings", {}))))
-        _image(blocks, run / stage / "loss.png", f"{title}: training and validation loss")
-        _image(blocks, run / stage / "expert_load.png",
+        blocks.append(Block("h3", f"{title}: settings"))
+        blocks.append(Block("code", _settings_text(stages[stage][key])))
+        _image(blocks, run / folder / "loss.png", f"{title}: training and validation loss")
+        _image(blocks, run / folder / "expert_load.png",
                f"{title}: expert load per MoE layer over training (load / mean; 1 = balanced)")
-        _image(blocks, run / stage / "rewards.png", f"{title}: rewards per function and held-out accuracy")
-        _image(blocks, run / stage / "dynamics.png", f"{title}: KL, entropy, clipping and completion length")
+        _image(blocks, run / folder / "rewards.png", f"{title}: rewards per function and held-out accuracy")
+        _image(blocks, run / folder / "dynamics.png", f"{title}: KL, entropy, clipping and completion length")
     return blocks
 
 
@@ -247,9 +267,11 @@ LIMITATIONS = [
     "assistant: it follows the formats it was taught and gets short arithmetic partly right; it knows nothing else.",
     "The evaluation uses synthetic generators (arithmetic, word problems, tool calls) with a held-out split; "
     "scores on them say nothing about general ability, and small problem counts leave several points of noise.",
-    "GRPO here runs ten steps on a model that has learned the answer format but few digit facts; at this scale "
-    "and budget it does not raise held-out accuracy (the table shows what it did), and each training reward's "
-    "trend is reported so a regression is visible.",
+    "GRPO here runs ten steps. What it learns in them is *when* to work a problem out: SFT's second phase leaves "
+    "a model that mostly answers directly, and direct answers are mostly wrong. It does not teach digit facts; "
+    "the remaining errors are wrong digit sums and miscopied operands. Started from the first phase's model "
+    "(worked solutions only), the same ten steps do not raise greedy accuracy at this scale. Each training "
+    "reward's trend is reported so that a regression is visible.",
     "Sparse attention (DSA) only selects tokens once a sequence is longer than the indexer's top-k; the short "
     "sequences here run it in its dense regime.",
     "No safety tuning, no refusal behaviour, and no filtering of the training corpus beyond what the Python "
