@@ -170,6 +170,7 @@ def test_both_expert_layouts_equal_the_loop_reference(monkeypatch, path, routing
     from dsv32.model import moe as moe_module
 
     monkeypatch.setattr(moe_module, "MAX_PADDING", float("inf") if path == "padded" else 0.0)
+    monkeypatch.setattr(moe_module, "PADDED_DTYPES", (torch.float32,) if path == "padded" else ())
     cfg = ModelConfig.preset("nano")
     torch.manual_seed(0)
     moe = MoE(cfg)
@@ -198,6 +199,24 @@ def test_both_expert_layouts_equal_the_loop_reference(monkeypatch, path, routing
 
     for a, b in zip(run(False), run(True)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision, padded", [("fp32", False), ("bf16", True)])
+def test_cpu_experts_pad_in_bf16_and_group_in_fp32(monkeypatch, precision, padded):
+    """The layout each precision measured faster on CPU (see moe.PADDED_DTYPES)."""
+    from dsv32.model import moe as moe_module
+
+    calls = {"padded": 0, "grouped": 0}
+    for name in calls:
+        original = getattr(moe_module.Experts, f"_{name}")
+        monkeypatch.setattr(moe_module.Experts, f"_{name}",
+                            lambda self, *a, _o=original, _n=name: calls.__setitem__(_n, calls[_n] + 1) or _o(self, *a))
+    cfg = ModelConfig.preset("nano")
+    moe = MoE(cfg)
+    x = torch.randn(2, 40, cfg.hidden_size, generator=gen(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        moe(x)
+    assert calls == {"padded": int(padded), "grouped": int(not padded)}
 
 
 def test_padding_buckets_split_the_busy_experts_from_the_rest():

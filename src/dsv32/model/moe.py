@@ -7,7 +7,7 @@ experts' unbiased affinities are normalised and scaled by `routed_scaling_factor
 
 Routed experts are stacked weights [experts, ...] and computed all at once: token copies are sorted
 by expert, then either laid out in a zero-padded [experts, capacity, hidden] block for batched
-matmuls (CPU, when padding adds at most half) or fed to grouped matmuls. Gate and up projections
+matmuls (CPU in bf16/fp16, when padding adds at most half) or fed to grouped matmuls. Gate and up projections
 run as one matmul. `Experts.forward_loop` is the plain reference both are tested against.
 """
 from __future__ import annotations
@@ -125,10 +125,14 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 # on CPU, `_grouped_mm` is one matmul per expert (48 per MoE layer forward and backward with gate+up
-# fused), and each is a parallel region: on a shared 2-core box every region waits for both threads
-# to be scheduled, which made it 4-5x slower than one batched matmul over a padded block. Padding
+# fused), and each is a parallel region. In bf16 one batched matmul over a padded block is faster
+# (A/B, fwd+bwd+AdamW step: 4% on the transformers-peer shape, 18% on tiny), and on a shared 2-core
+# box, where every region waits for both threads to be scheduled, grouped_mm was 4-5x slower. Padding
 # costs its share of extra FLOPs, so it is used while the block is at most this much over-full.
 MAX_PADDING = 1.5
+# In fp32 on an idle machine the per-expert matmuls run as fast as the padded block and skip the padding:
+# grouped was 3% faster on the peer shape and 12% on tiny (same A/B), so only these dtypes pad.
+PADDED_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -181,7 +185,7 @@ class Experts(nn.Module):
         dtype = _compute_dtype(x)
         gate_up = torch.cat((self.gate_proj, self.up_proj), dim=1).to(dtype)   # [experts, 2 * inter, dim]
         down = self.down_proj.to(dtype)
-        buckets = padding_buckets(counts) if x.device.type == "cpu" else None
+        buckets = padding_buckets(counts) if x.device.type == "cpu" and dtype in PADDED_DTYPES else None
         if buckets is not None and buckets.n_slots <= MAX_PADDING * flat_expert.numel():
             out = self._padded(x.to(dtype), order, counts, buckets, gate_up, down, top_k)
         else:
