@@ -46,7 +46,7 @@ class SpeedrunConfig:
     # tokenizer: byte-level BPE on the corpus plus the task generators' texts
     vocab_size: int = 4096
     # pretraining
-    pretrain_steps: int = 120
+    pretrain_steps: int = 80
     pretrain_batch: int = 8
     pretrain_lr: float = 3e-3
     seq_len: int = 256
@@ -64,7 +64,7 @@ class SpeedrunConfig:
     # SFT phase 2: the same kinds of conversations (new problems), this share of the arithmetic and
     # word-problem traces answering without working
     sft_direct_fraction: float = 0.6
-    sft_mixed_steps: int = 50
+    sft_mixed_steps: int = 40
     sft_mixed_lr: float = 5e-4
     # GRPO on arithmetic
     grpo_steps: int = 10
@@ -322,7 +322,8 @@ RUNNERS = {"tokenizer": run_tokenizer, "data": run_data, "pretrain": run_pretrai
 DESCRIPTIONS = {"tokenizer": "byte-level BPE on the standard library + task texts",
                 "data": "token shards: the corpus for pretraining, a chat/tool/reasoning mixture for SFT",
                 "pretrain": "the model from scratch on the standard library's sources",
-                "sft": "chat, tool use and thinking-mode reasoning (loss on assistant tokens)",
+                "sft": "chat, tool use and thinking-mode reasoning (loss on assistant tokens): worked solutions, "
+                       "then direct answers mixed in",
                 "grpo": "reinforcement learning with verifiable rewards on arithmetic",
                 "eval": "held-out text and tasks for the base, SFT and GRPO checkpoints",
                 "card": "the system card (Markdown + self-contained HTML)"}
