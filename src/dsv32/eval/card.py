@@ -208,16 +208,15 @@ def stages_section(run: Path, stages: dict, settings: dict) -> list[Block]:
         if "accuracy_worked" in r:
             rows.append(["sft", "... then with direct answers mixed in", "held-out arithmetic accuracy",
                          _pct(worked.get("arithmetic")), _pct(r["accuracy_sft"].get("arithmetic")), ""])
-    if "grpo" in stages and stages["grpo"].get("direct_answers_grpo") is not None:
-        r = stages["grpo"]
-        rows.append(["sft / grpo", "", "held-out arithmetic answered without working", _pct(r["direct_answers_sft"]),
-                     _pct(r["direct_answers_grpo"]), ""])
     if "grpo" in stages:
         r = stages["grpo"]
         s = r.get("settings", {})
         rewards = " + ".join(f"{w:g} x {n}" for n, w in zip(s.get("rewards", []), s.get("reward_weights", [])))
         rows.append(["grpo", f"verifiable rewards ({rewards or 'task default'})", "held-out arithmetic accuracy (greedy)",
                      _pct(r["accuracy_sft"]), _pct(r["accuracy_grpo"]), f"{r['seconds']:.0f}s"])
+        if r.get("direct_answers_grpo") is not None:
+            rows.append(["grpo", "", "held-out arithmetic answered without working", _pct(r["direct_answers_sft"]),
+                         _pct(r["direct_answers_grpo"]), ""])
         for name, (first, second) in r.get("reward_trend", {}).items():
             rows.append(["grpo", "", f"training reward `{name}`, first vs second half of the steps", _num(first),
                          _num(second), ""])
@@ -258,7 +257,9 @@ def evaluation_section(results: dict[str, dict]) -> list[Block]:
     return [Block("h2", "Evaluation"),
             Block("p", f"Greedy decoding, thinking mode, {n} held-out problems per task and checkpoint; bits per "
                        "byte on held-out standard-library files (lower is better). The base model was never taught "
-                       "the chat format, so its task scores show what SFT added."),
+                       "the chat format, so its task scores show what SFT added."
+                       + (" `sft_worked` is SFT's first phase (worked solutions only), `sft` the model after its "
+                          "second phase (direct answers mixed in)." if "sft_worked" in results else "")),
             Block("table", rows=rows)]
 
 
