@@ -10,7 +10,8 @@ Sections (one process, `--threads` intra-op threads, fp32, greedy; dsv32 and tra
 interleaved and each figure is the best of `--repeats`: this class of machine shows +-15-20%
 run-to-run noise, far more when other jobs share its cores, and the slow runs measure those jobs):
   1. decode tokens/s at batch 1 and 8: dsv32 `Engine` vs `generate` (decode time = time for N+1 new
-     tokens minus time for 1, i.e. without the prefill), and whether the greedy tokens agree;
+     tokens minus time for 1, i.e. without the prefill), and whether the greedy tokens agree; then batch 1
+     with the engine's decode regions compiled (`Engine(compile=True)`) against eager and transformers;
   2. prefill tokens/s of one `--prefill-len` prompt;
   3. DSA vs dense decode step time at 4K/16K/32K tokens of context on the V3.2 variant of the model
      (index_topk 2048, the release value); the cache is filled with random latents (a 32K prefill of
@@ -135,6 +136,32 @@ def section_throughput(args, ours, hf, results):
               f"ratio {ours_tps / hf_tps:5.2f}x   (greedy tokens agree: {agree:.0%})", flush=True)
 
 
+def section_compile(args, ours, hf, results):
+    """Batch 1 with the decode regions compiled (`Engine(compile=True)`), interleaved with eager and transformers."""
+    ps = prompts(ours.config.vocab_size, 1, args.prompt_len, seed=1)
+    n = args.new_tokens
+    t0 = time.perf_counter()
+    engine_decode(ours, ps, 4, compile=True)  # compiles the regions (once per shape)
+    compile_s = time.perf_counter() - t0
+    times: dict = {"eager": [], "compiled": [], "hf": []}
+    for r in range(args.repeats):
+        for side in ("eager", "compiled", "hf") if r % 2 == 0 else ("hf", "compiled", "eager"):
+            if side == "hf":
+                full, _ = hf_generate(hf, ps, n + 1)
+                first, _ = hf_generate(hf, ps, 1)
+                times["hf"].append(full - first)
+            else:
+                seconds, toks, _ = engine_decode(ours, ps, n + 1, compile=side == "compiled")
+                times[side].append(seconds)
+    tps = {side: n / best(t) for side, t in times.items()}
+    results["compile"] = {"compiled_tok_s": round(tps["compiled"], 1), "eager_tok_s": round(tps["eager"], 1),
+                          "hf_tok_s": round(tps["hf"], 1), "compiled_vs_eager": round(tps["compiled"] / tps["eager"], 3),
+                          "compiled_vs_hf": round(tps["compiled"] / tps["hf"], 3), "compile_seconds": round(compile_s, 1)}
+    print(f"compiled decode regions, batch 1: {tps['compiled']:7.1f} tok/s   eager {tps['eager']:7.1f}   transformers "
+          f"{tps['hf']:7.1f}   compiled/eager {tps['compiled'] / tps['eager']:5.2f}x   compiled/transformers "
+          f"{tps['compiled'] / tps['hf']:5.2f}x   (compiling took {compile_s:.0f} s)", flush=True)
+
+
 def section_prefill(args, ours, hf, results):
     prompt = prompts(ours.config.vocab_size, 1, args.prefill_len, seed=99)[0]
     prefill_time(ours, prompt)
@@ -154,11 +181,11 @@ def section_prefill(args, ours, hf, results):
 def section_dsa(args, base_cfg, results):
     from dsv32.cli_model import build_random_model
     from dsv32.infer.cache import PagedLatentCache
-    from dsv32.infer.decode import DecodePath, transpose_wide_weights
+    from dsv32.infer.decode import DecodePath, pair_expert_weights
 
     cfg = base_cfg.replace(model_type="deepseek_v32", num_nextn_predict_layers=0)
     model = build_random_model(cfg, seed=args.seed)
-    transpose_wide_weights(model)
+    pair_expert_weights(model)
     path = DecodePath(model)
     bs = 64
     longest = max(args.contexts)
@@ -315,7 +342,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prefill-len", type=int, default=512)
     parser.add_argument("--contexts", default="4096,16384,32768", help="contexts for the DSA section")
     parser.add_argument("--ppl-tokens", type=int, default=None)
-    parser.add_argument("--sections", default="throughput,prefill,dsa,mtp,int8")
+    parser.add_argument("--sections", default="throughput,compile,prefill,dsa,mtp,int8")
     args = parser.parse_args(argv)
     quick = args.quick
     args.repeats = args.repeats or (2 if quick else 5)
@@ -334,7 +361,7 @@ def main(argv=None) -> int:
     from dsv32 import save_pretrained
     from dsv32.checkpoint import load_pretrained
     from dsv32.cli_model import build_random_model
-    from dsv32.infer.decode import transpose_wide_weights
+    from dsv32.infer.decode import pair_expert_weights
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -349,7 +376,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(ours, tmp, dtype=torch.float32)
         hf = hf_cls.from_pretrained(tmp, dtype=torch.float32).eval()
-    transpose_wide_weights(ours)  # same values; faster one-token matmuls (see infer/decode.py)
+    pair_expert_weights(ours)  # same values; an expert's gate and up as one matmul at decode (infer/decode.py)
     print(f"model: {args.model or 'random ' + cfg.model_type} ({cfg.num_params() / 1e6:.1f}M params, "
           f"{cfg.num_active_params() / 1e6:.1f}M active, + MTP layer), fp32, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, transformers {transformers.__version__}; prompts {args.prompt_len} tokens, "
@@ -359,6 +386,8 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         if "throughput" in sections:
             section_throughput(args, ours, hf, results)
+        if "compile" in sections:
+            section_compile(args, ours, hf, results)
         if "prefill" in sections:
             section_prefill(args, ours, hf, results)
         del hf
@@ -380,6 +409,7 @@ def main(argv=None) -> int:
         "int8_speedup": results.get("int8", {}).get("speedup_batch1"),
         "int8_ppl_change": results.get("int8", {}).get("ppl_change"),
         "prefill_ratio": results.get("prefill", {}).get("ratio"),
+        "compiled_ratio_batch1": results.get("compile", {}).get("compiled_vs_hf"),
         "quick": quick, "threads": torch.get_num_threads(), "model": args.model or "random-73M-v3",
         "seconds": round(time.perf_counter() - t_start, 1), "details": results,
     }

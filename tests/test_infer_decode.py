@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dsv32.infer.cache import PagedLatentCache
-from dsv32.infer.decode import DecodePath, topk_positions, transpose_wide_weights
+from dsv32.infer.decode import DecodePath, pair_expert_weights, topk_positions
 from dsv32.infer.quant import quantize_int8
 from dsv32.model.indexer import select_topk
 from infer_common import nano_model, single_thread  # noqa: F401
@@ -76,18 +76,53 @@ def test_fast_mtp_equals_the_model_mtp_layer():
     assert (outs[0] - outs[1]).abs().max() < 1e-4
 
 
-def test_fast_path_on_int8_and_transposed_weights():
+def _transpose_linear_weights(model):
+    """Every nn.Linear weight stored transposed (same values): `_linear` must fall back to the module."""
+    for m in model.modules():
+        if type(m) is torch.nn.Linear:
+            m.weight.data = m.weight.data.t().contiguous().t()
+    return model
+
+
+@pytest.mark.parametrize("variant", ["int8", "paired", "transposed"])
+def test_fast_path_on_int8_paired_and_transposed_weights(variant):
     model = nano_model()
-    for variant in (quantize_int8(copy.deepcopy(model)), copy.deepcopy(model)):
-        if not any(type(m).__name__ == "Int8Linear" for m in variant.modules()):
-            assert transpose_wide_weights(variant) > 0
-            assert not variant.lm_head.weight.is_contiguous() and torch.equal(variant.lm_head.weight, model.lm_head.weight)
-        cache, _, tables = _fill(variant, [30])
-        ids, positions = torch.tensor([[9]]), torch.tensor([[30]])
+    if variant == "int8":
+        changed = quantize_int8(copy.deepcopy(model))
+    elif variant == "paired":
+        changed = copy.deepcopy(model)
+        assert pair_expert_weights(changed) == sum(1 for name, _ in model.named_modules() if name.endswith(".experts"))
+        assert pair_expert_weights(changed) == 0  # already paired
+        experts = changed.layers[-1].mlp.experts
+        assert not experts.gate_proj.is_contiguous()
+        assert experts.up_proj.data_ptr() == experts.gate_proj[0, -1, -1].data_ptr() + 4  # up[0] right after gate[0]
+        assert all(torch.equal(a, b) for a, b in zip(changed.state_dict().values(), model.state_dict().values()))
+    else:
+        changed = _transpose_linear_weights(copy.deepcopy(model))
+    cache, _, tables = _fill(changed, [30, 17])
+    for rows in ([0], [0, 1]):  # one token (the one-token expert path) and two
+        ids, positions = torch.tensor([[9], [4]])[rows], torch.tensor([[30], [17]])[rows]
+        batch = cache.batch([tables[r] for r in rows])
         with torch.no_grad():
-            want = variant(ids, positions=positions, cache=cache.batch(tables)).logits
-            got, _, _ = DecodePath(variant).forward(ids, positions, cache.batch(tables))
+            want = changed(ids, positions=positions, cache=batch).logits
+            got, _, _ = DecodePath(changed).forward(ids, positions, batch)
         assert (got - want).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])
+@pytest.mark.parametrize("bias", [False, True])
+def test_small_row_linear_equals_f_linear(rows, bias):
+    """`_linear` runs up to SMALL_ROWS rows as a chunked bmm; more rows, odd widths and transposed
+    weights go through the module."""
+    from dsv32.infer import decode as decode_module
+
+    torch.manual_seed(rows)
+    for out_features in (24, 6, 7):
+        layer = torch.nn.Linear(16, out_features, bias=bias)
+        x = torch.randn(rows, 1, 16)
+        torch.testing.assert_close(decode_module._linear(layer, x), layer(x), rtol=1e-5, atol=1e-6)
+        _transpose_linear_weights(layer)
+        torch.testing.assert_close(decode_module._linear(layer, x), layer(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -101,10 +136,12 @@ def test_topk_positions_is_the_stable_sort_set(seed):
         assert torch.equal(got, want.sort(dim=-1).values)  # the same set, in position order
 
 
-@pytest.mark.parametrize("tokens", [3, 12])
-def test_active_experts_equal_the_loop_reference(monkeypatch, tokens):
-    """3 tokens x top-2 of 8 experts: one SwiGLU per active expert; 12 tokens: the padded batched block
-    (more copies than experts). Expert 7 gets nothing in the second case."""
+@pytest.mark.parametrize("paired", [False, True])
+@pytest.mark.parametrize("tokens", [1, 3, 12])
+def test_active_experts_equal_the_loop_reference(monkeypatch, tokens, paired):
+    """1 token: its experts one by one; 3 tokens x top-2 of 8 experts: one SwiGLU per active expert;
+    12 tokens: the padded batched block (more copies than experts). Expert 7 gets nothing in the last
+    case. Paired: gate and up stored side by side (`pair_expert_weights`), one bmm for both."""
     from dsv32.infer import decode as decode_module
     from dsv32.model.moe import Experts, Routing
 
@@ -112,6 +149,8 @@ def test_active_experts_equal_the_loop_reference(monkeypatch, tokens):
     experts = Experts(8, 32, 16)
     for p in experts.parameters():
         torch.nn.init.normal_(p, std=0.2)
+    if paired:
+        assert pair_expert_weights(experts) == 1 and decode_module._gate_up_pairs(experts) is not None
     g = torch.Generator().manual_seed(1)
     x = torch.randn(tokens, 32, generator=g)
     indices = torch.randint(0, 7, (tokens, 2), generator=g)
@@ -123,3 +162,27 @@ def test_active_experts_equal_the_loop_reference(monkeypatch, tokens):
         want = experts.forward_loop(x, routing)
     assert len(calls) == (1 if tokens * 2 > 8 else 0)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_regions_equal_the_eager_path():
+    """`DecodePath(compile=True)`: the same logits as eager (one row, then two rows with two tokens each:
+    a second graph for the new shape), and one graph per region and shape serves every layer."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = nano_model(model_type="deepseek_v3")
+    pair_expert_weights(model)
+    eager, compiled = DecodePath(model), DecodePath(model, compile=True)
+    for rows, seq in ((1, 1), (2, 2)):
+        ids = torch.tensor([[5, 6], [7, 8]])[:rows, :seq]
+        positions = torch.tensor([[22, 23], [39, 40]])[:rows, :seq]
+        outs = []
+        for path in (eager, compiled):
+            cache, _, tables = _fill(model, [22, 39][:rows])
+            outs.append(path.forward(ids, positions, cache.batch(tables), keep=seq))
+        (el, eh, ec), (cl, ch, cc) = outs
+        assert (cl - el).abs().max() < 1e-4 and (ch - eh).abs().max() < 1e-4 and torch.equal(cc, ec)
+    # regions: pre, post (dense and MoE blocks), finish, final norm; two shapes each
+    assert counters["stats"]["unique_graphs"] <= 2 * 5
+    torch._dynamo.reset()

@@ -29,7 +29,9 @@ def test_int8_linear_tracks_the_float_layer():
     assert ((got - want).norm() / want.norm()) < 0.02
 
 
-def test_int8_experts_track_the_float_experts():
+@pytest.mark.parametrize("tokens", [1, 20])
+def test_int8_experts_track_the_float_experts(tokens):
+    """20 tokens: sorted by expert; 1 token (decoding): its experts in turn."""
     torch.manual_seed(0)
     cfg = nano()
     experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
@@ -37,7 +39,7 @@ def test_int8_experts_track_the_float_experts():
         nn.init.normal_(p, std=0.1)
     router = Router(cfg)
     nn.init.normal_(router.weight, std=0.1)
-    x = torch.randn(20, cfg.hidden_size)
+    x = torch.randn(tokens, cfg.hidden_size)
     routing = router(x)
     want, got = experts(x, routing), Int8Experts(experts)(x, routing)
     assert ((got - want).norm() / want.norm()) < 0.03

@@ -30,7 +30,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", help="weights dtype: fp32 (default) or bf16")
     p.add_argument("--int8", action="store_true", help="weight-only int8 (per-channel) for faster CPU decoding")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs the MTP layer)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first step)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step's fixed-shape regions (seconds of compiling first)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help=f"context limit (default: min(model limit, {DEFAULT_MAX_SEQ_LEN}))")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
@@ -85,7 +85,7 @@ def build_engine(args):
     """
     from dsv32.infer.launch import parallel_engine
 
-    return parallel_engine(args.model, max_batch=1, compile=args.compile, fast_layout=not args.int8,
+    return parallel_engine(args.model, max_batch=1, compile=args.compile,
                            **engine_options(args))
 
 

@@ -22,8 +22,10 @@ Decode steps run `DecodePath` (infer/decode.py: the model's math with fewer ops)
 `fast_decode=False`, which uses `Transformer.forward` itself; prefill always uses the model's forward.
 The engine reads the model's weights in place: after changing them (an RL update), call
 `reset_prefix_cache()`, since cached blocks hold latents computed by the old weights. `compile=True`
-wraps the decode step in `torch.compile`; on the CPUs measured it compiles for minutes and runs no
-faster (bench/README.md), so eager is the default.
+compiles the fast path's fixed-shape regions (norms, projections, RoPE, routing, residuals) with
+`torch.compile`, a graph per batch shape shared by all layers (seconds to compile; on the 2-core CPU
+measured, 4-7% faster at batch 1: bench/README.md). With `fast_decode=False` it compiles the model's
+forward instead. Eager is the default and the reference.
 
 Not thread-safe: drive it from one thread (a server runs one engine loop and feeds it requests).
 """
@@ -182,9 +184,9 @@ class Engine:
                          "preemptions": 0, "forwards": 0, "finished": 0}
         # decode steps run the fast path (infer/decode.py) unless fast_decode=False; prefill always runs
         # the model's own forward
-        self.decode_path = DecodePath(model) if fast_decode else None
+        self.decode_path = DecodePath(model, compile=compile) if fast_decode else None
         decode_fn = self.decode_path.forward if fast_decode else self._model_decode
-        self._decode_forward = torch.compile(decode_fn, dynamic=True) if compile else decode_fn
+        self._decode_forward = torch.compile(decode_fn, dynamic=True) if compile and not fast_decode else decode_fn
 
     # ------------------------------------------------------------------ public API
     def add_request(self, prompt_ids: Iterable[int], params: SamplingParams | None = None,

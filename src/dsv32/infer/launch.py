@@ -58,17 +58,16 @@ def expert_placement(load_file: str | None, redundant: int, ctx, cfg, log=None):
 @contextmanager
 def parallel_engine(model_dir: str, *, tokenizer_dir: str | None = None, dtype: str = "fp32", int8: bool = False,
                     speculative: bool = False, max_seq_len: int | None = None, max_batch: int = 8,
-                    prefix_caching: bool = True, compile: bool = False, fast_layout: bool = False, threads: int = 0,
+                    prefix_caching: bool = True, compile: bool = False, threads: int = 0,
                     expert_load: str | None = None, redundant_experts: int = 0, log=None):
     """Yields (engine, tokenizer) on rank 0 / alone, (None, tokenizer) on follower ranks; see the module doc.
 
-    fast_layout: store wide linear weights transposed (faster one-token matmuls on CPU, same values).
     expert_load / redundant_experts: balance the routed experts over the ranks from recorded load
     (dsv32.infer.eplb), with that many extra copies of the hottest experts per MoE layer.
     log: called with report lines on rank 0 (e.g. the expert placement's before/after imbalance).
     """
     from dsv32.cli_model import parse_dtype
-    from dsv32.infer.decode import transpose_wide_weights
+    from dsv32.infer.decode import pair_expert_weights
     from dsv32.infer.engine import Engine
     from dsv32.infer.parallel import DriverEngine, follow, init_parallel, shutdown
     from dsv32.infer.quant import quantize_int8
@@ -97,8 +96,8 @@ def parallel_engine(model_dir: str, *, tokenizer_dir: str | None = None, dtype: 
             raise CLIError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {cfg.vocab_size}")
         if int8:
             quantize_int8(model)
-        elif fast_layout:
-            transpose_wide_weights(model)
+        elif not ctx.distributed:
+            pair_expert_weights(model)  # same values; one matmul for an expert's gate and up at decode
         if speculative and not len(model.mtp):
             raise CLIError("--speculative needs a checkpoint with an MTP layer")
         limit = cfg.max_position_embeddings

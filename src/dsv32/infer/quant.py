@@ -80,8 +80,10 @@ class Int8Experts(nn.Module):
     def __init__(self, experts: Experts):
         super().__init__()
         self.n_experts = experts.n_experts
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            q, scale = quantize_per_channel(getattr(experts, name))
+        # gate and up stacked per expert, so that one kernel call computes both
+        gate_up = torch.cat((experts.gate_proj.detach(), experts.up_proj.detach()), dim=1)  # [experts, 2 * inter, dim]
+        for name, weight in (("gate_up", gate_up), ("down", experts.down_proj)):
+            q, scale = quantize_per_channel(weight)
             self.register_buffer(f"{name}_q", q)
             self.register_buffer(f"{name}_scale", scale)
             self.register_buffer(f"{name}_ones", torch.ones(q.shape[1], dtype=torch.bfloat16, device=q.device),
@@ -91,8 +93,16 @@ class Int8Experts(nn.Module):
         return int8_matmul(x, getattr(self, f"{name}_q")[e], getattr(self, f"{name}_scale")[e],
                            getattr(self, f"{name}_ones"))
 
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self._mm("gate_up", e, x).chunk(2, dim=-1)
+        return self._mm("down", e, F.silu(gate) * up)
+
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         tokens, top_k = routing.indices.shape
+        if tokens == 1:  # decoding one token: its experts in turn, no sorting
+            outs = torch.cat([self._expert(e, x) for e in routing.indices[0].tolist()])      # [top_k, hidden]
+            weighted = outs * routing.weights[0, :, None].to(x.dtype)
+            return weighted.sum(0, keepdim=True, dtype=torch.float32).to(x.dtype)
         flat_expert = routing.indices.flatten()
         order = torch.argsort(flat_expert, stable=True)
         token_of = order // top_k
@@ -101,9 +111,7 @@ class Int8Experts(nn.Module):
         pieces, start = [], 0
         for e, n in enumerate(counts):
             if n:
-                chunk = xs[start:start + n]
-                h = F.silu(self._mm("gate_proj", e, chunk)) * self._mm("up_proj", e, chunk)
-                pieces.append(self._mm("down_proj", e, h))
+                pieces.append(self._expert(e, xs[start:start + n]))
                 start += n
         out = torch.cat(pieces) * routing.weights.flatten()[order, None].to(x.dtype)
         y = torch.zeros(tokens, x.shape[-1], dtype=torch.float32, device=x.device)
