@@ -78,9 +78,9 @@ class DecodePath:
 
     A block runs as three regions of fixed-shape tensor code around the two parts that depend on the
     step's data (the attention over the cache and the routed experts): `_pre_attention`,
-    `_post_attention` and `_finish`. With `compile=True` the regions go through `torch.compile`
-    (gpt-fast style): their small ops (norms, RoPE, routing, residuals) fuse into a few kernels, and
-    one compiled graph serves every layer of the same kind.
+    `_post_attention` and `_finish`; `_final_norm` (norm and output head) is a fourth. With
+    `compile=True` the regions go through `torch.compile`: their small ops (norms, RoPE, routing,
+    residuals) fuse into a few kernels, and one compiled graph serves every layer of the same kind.
     """
 
     def __init__(self, model, compile: bool = False):
