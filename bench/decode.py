@@ -11,7 +11,7 @@ interleaved and each figure is the best of `--repeats`: this class of machine sh
 run-to-run noise, far more when other jobs share its cores, and the slow runs measure those jobs):
   1. decode tokens/s at batch 1 and 8: dsv32 `Engine` vs `generate` (decode time = time for N+1 new
      tokens minus time for 1, i.e. without the prefill), and whether the greedy tokens agree; then batch 1
-     with the engine's decode regions compiled (`Engine(compile=True)`) against eager and transformers;
+     with `Engine(compile=True)` against eager and transformers;
   2. prefill tokens/s of one `--prefill-len` prompt;
   3. DSA vs dense decode step time at 4K/16K/32K tokens of context on the V3.2 variant of the model
      (index_topk 2048, the release value); the cache is filled with random latents (a 32K prefill of
@@ -137,11 +137,11 @@ def section_throughput(args, ours, hf, results):
 
 
 def section_compile(args, ours, hf, results):
-    """Batch 1 with the decode regions compiled (`Engine(compile=True)`), interleaved with eager and transformers."""
+    """Batch 1 with `Engine(compile=True)` (the compiled one-token steps), interleaved with eager and transformers."""
     ps = prompts(ours.config.vocab_size, 1, args.prompt_len, seed=1)
     n = args.new_tokens
     t0 = time.perf_counter()
-    engine_decode(ours, ps, 4, compile=True)  # compiles the regions (once per shape)
+    engine_decode(ours, ps, 4, compile=True)  # compiles the one-token steps
     compile_s = time.perf_counter() - t0
     times: dict = {"eager": [], "compiled": [], "hf": []}
     for r in range(args.repeats):
@@ -157,7 +157,7 @@ def section_compile(args, ours, hf, results):
     results["compile"] = {"compiled_tok_s": round(tps["compiled"], 1), "eager_tok_s": round(tps["eager"], 1),
                           "hf_tok_s": round(tps["hf"], 1), "compiled_vs_eager": round(tps["compiled"] / tps["eager"], 3),
                           "compiled_vs_hf": round(tps["compiled"] / tps["hf"], 3), "compile_seconds": round(compile_s, 1)}
-    print(f"compiled decode regions, batch 1: {tps['compiled']:7.1f} tok/s   eager {tps['eager']:7.1f}   transformers "
+    print(f"compiled decode (Engine(compile=True)), batch 1: {tps['compiled']:7.1f} tok/s   eager {tps['eager']:7.1f}   transformers "
           f"{tps['hf']:7.1f}   compiled/eager {tps['compiled'] / tps['eager']:5.2f}x   compiled/transformers "
           f"{tps['compiled'] / tps['hf']:5.2f}x   (compiling took {compile_s:.0f} s)", flush=True)
 

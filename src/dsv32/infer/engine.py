@@ -22,10 +22,12 @@ Decode steps run `DecodePath` (infer/decode.py: the model's math with fewer ops)
 `fast_decode=False`, which uses `Transformer.forward` itself; prefill always uses the model's forward.
 The engine reads the model's weights in place: after changing them (an RL update), call
 `reset_prefix_cache()`, since cached blocks hold latents computed by the old weights. `compile=True`
-compiles the fast path's fixed-shape regions (norms, projections, RoPE, routing, residuals) with
-`torch.compile`, a graph per batch shape shared by all layers (seconds to compile; on the 2-core CPU
-measured, 4-7% faster at batch 1: bench/README.md). With `fast_decode=False` it compiles the model's
-forward instead. Eager is the default and the reference.
+compiles the fast path with `torch.compile` (seconds to compile, then graphs shared by all layers): a
+lone decoding request on a model with dense attention and float experts runs one compiled call per
+layer with the cache write between calls; other steps compile the fixed-shape regions around the
+attention and the routed experts. On the 2-core CPU measured, batch 1 decodes 1.3-1.6x faster than
+eager (bench/README.md). With `fast_decode=False` it compiles the model's forward instead. Eager is
+the default and the reference.
 
 Not thread-safe: drive it from one thread (a server runs one engine loop and feeds it requests).
 """
