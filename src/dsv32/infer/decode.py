@@ -65,7 +65,8 @@ def topk_positions(scores: torch.Tensor, allowed: torch.Tensor | None, k: int) -
     scores, allowed: [batch, seq, n_keys] (allowed None: every key) -> [batch, seq, k] key positions.
     """
     masked = scores if allowed is None else scores.masked_fill(~allowed, float("-inf"))
-    kth = masked.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)  # the k-th best score
+    # the k-th best score (kthvalue: 3-6x faster than topk on CPU for 32K scores)
+    kth = masked.kthvalue(masked.shape[-1] - k + 1, dim=-1, keepdim=True).values
     above = masked > kth
     tied = masked == kth
     room = k - above.sum(dim=-1, keepdim=True)  # how many of the tied keys fit, lowest positions first
@@ -139,7 +140,11 @@ class DecodePath:
             kv = layer.read_kv(n_keys)                                          # [batch, n_keys, C + R]
             valid = every.repeat_interleave(heads, dim=1) if every is not None else None
             queries = q_cat.view(batch, seq * heads, -1)
-        logits = torch.bmm(queries, kv.transpose(1, 2)).float() * attn.softmax_scale  # [rows, queries, keys]
+        if queries.shape[0] == 1:  # mm of the queries against the keys' transpose: ~1.7x bmm's rate here
+            logits = torch.mm(queries[0], kv[0].t())[None]
+        else:
+            logits = torch.bmm(queries, kv.transpose(1, 2))
+        logits = logits.float() * attn.softmax_scale                            # [rows, queries, keys]
         if valid is not None:
             logits = logits.masked_fill(~valid, float("-inf"))
         probs = torch.softmax(logits, dim=-1).to(kv.dtype)
@@ -155,7 +160,13 @@ class DecodePath:
         q = _linear(indexer.wq_b, q_latent).view(batch, seq, indexer.n_heads, indexer.head_dim)
         q = indexer._rope_first(q, cos, sin).float()
         w = _linear(indexer.weights_proj, x).float() * (indexer.n_heads ** -0.5) * (indexer.head_dim ** -0.5)
-        dots = torch.bmm(keys.float(), q.flatten(1, 2).transpose(1, 2))          # [batch, n_keys, seq * heads]
+        queries = q.flatten(1, 2)                                               # [batch, seq * heads, D]
+        if batch == 1:
+            # keys times a few query rows as `F.linear` with the queries as a contiguous [out, in] weight:
+            # 2.2x the rate of the [n_keys, D] @ [D, heads] matmul on CPU (32K keys: 0.64 vs 1.4 ms)
+            dots = F.linear(keys[0].float(), queries[0].contiguous())[None]     # [1, n_keys, seq * heads]
+        else:
+            dots = torch.bmm(keys.float(), queries.transpose(1, 2))             # [batch, n_keys, seq * heads]
         per_head = F.relu(dots).view(batch, -1, seq, indexer.n_heads)
         if seq == 1:  # the head-weighted sum as a matmul
             return torch.bmm(per_head.view(batch, -1, indexer.n_heads), w.view(batch, -1, 1)).view(batch, 1, -1)
