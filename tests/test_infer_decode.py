@@ -164,21 +164,23 @@ def test_active_experts_equal_the_loop_reference(monkeypatch, tokens, paired):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_regions_equal_the_eager_path(monkeypatch):
-    """`DecodePath(compile=True)`: the same logits, hidden states and expert counts as eager, for one token
-    (the one-token steps: a compiled call per layer, the context length dynamic: two decode positions
-    share the graphs) and for two rows of two tokens (the per-block regions)."""
+@pytest.mark.parametrize("name", ["v3-dense", "v32-sparse"])
+def test_compiled_one_token_steps_equal_the_eager_path(monkeypatch, name):
+    """`DecodePath(compile=True)`: the same logits, hidden states and expert counts as eager. One token at
+    three positions (the compiled one-token steps: the context length dynamic, so the positions share
+    graphs; nano's index_topk is 16, so with DSA position 10 attends every key and 22 and 25 the
+    selected ones) and two rows of two tokens (eager regions)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    model = nano_model(model_type="deepseek_v3")
+    model = nano_model(**CONFIGS[name])
     pair_expert_weights(model)
     eager, compiled = DecodePath(model), DecodePath(model, compile=True)
-    assert compiled._one_token_steps is not None and DecodePath(nano_model(), compile=True)._one_token_steps is None
+    assert DecodePath(quantize_int8(copy.deepcopy(model)), compile=True)._one_token_steps is None  # int8: eager
     one_token_calls = []
     monkeypatch.setattr(compiled, "_one_token", lambda *a: one_token_calls.append(1) or DecodePath._one_token(compiled, *a))
-    for rows, seq, at in ((1, 1, 22), (1, 1, 25), (2, 2, 22)):
+    for rows, seq, at in ((1, 1, 10), (1, 1, 22), (1, 1, 25), (2, 2, 22)):
         ids = torch.tensor([[5, 6], [7, 8]])[:rows, :seq]
         positions = torch.tensor([[at, at + 1], [39, 40]])[:rows, :seq]
         outs = []
@@ -187,9 +189,9 @@ def test_compiled_regions_equal_the_eager_path(monkeypatch):
             outs.append(path.forward(ids, positions, cache.batch(tables), keep=seq))
         (el, eh, ec), (cl, ch, cc) = outs
         assert (cl - el).abs().max() < 1e-4 and (ch - eh).abs().max() < 1e-4 and torch.equal(cc, ec)
-    assert len(one_token_calls) == 2
+    assert len(one_token_calls) == 3
     graphs = counters["stats"]["unique_graphs"]
     torch._dynamo.reset()
-    # one-token steps: first projections, dense and MoE layer steps, last layer, head; regions: pre, post
-    # (dense, MoE), finish, final norm; the second one-token position must not add graphs
-    assert graphs <= 10
+    # first projections, dense and MoE layer steps, last layer and head; with DSA a second graph for the
+    # steps that attend the selected keys. Positions 22 and 25 must share their graphs.
+    assert graphs <= (5 if name == "v3-dense" else 8)

@@ -22,12 +22,11 @@ Decode steps run `DecodePath` (infer/decode.py: the model's math with fewer ops)
 `fast_decode=False`, which uses `Transformer.forward` itself; prefill always uses the model's forward.
 The engine reads the model's weights in place: after changing them (an RL update), call
 `reset_prefix_cache()`, since cached blocks hold latents computed by the old weights. `compile=True`
-compiles the fast path with `torch.compile` (seconds to compile, then graphs shared by all layers): a
-lone decoding request on a model with dense attention and float experts runs one compiled call per
-layer with the cache write between calls; other steps compile the fixed-shape regions around the
-attention and the routed experts. On the 2-core CPU measured, batch 1 decodes 1.3-1.6x faster than
-eager (bench/README.md). With `fast_decode=False` it compiles the model's forward instead. Eager is
-the default and the reference.
+compiles the decode of a lone request with `torch.compile` (seconds to compile; graphs shared by all
+layers): one compiled call per layer, with the cache write and the DSA selection between calls. On
+the 2-core CPU measured it decodes batch 1 1.3-1.6x faster than eager (bench/README.md); steps of
+more tokens stay eager, where compiling measured no gain. With `fast_decode=False` it compiles the
+model's forward instead. Eager is the default and the reference.
 
 Not thread-safe: drive it from one thread (a server runs one engine loop and feeds it requests).
 """
