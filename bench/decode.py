@@ -114,8 +114,8 @@ def section_throughput(args, ours, hf, results):
         ps = prompts(cfg.vocab_size, batch, args.prompt_len, seed=batch)
         n = args.new_tokens
         t_ours, t_hf, agree = [], [], None
-        engine_decode(ours, ps, 4)  # warm-up
-        hf_generate(hf, ps, 2)
+        engine_decode(ours, ps, n + 1)  # warm-up at full length: the first runs after loading are slow
+        hf_generate(hf, ps, n + 1)
         for r in range(args.repeats):
             order = ("ours", "hf") if r % 2 == 0 else ("hf", "ours")
             for side in order:
