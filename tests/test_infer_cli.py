@@ -228,3 +228,14 @@ def test_generate_serves_an_fp8_checkpoint_by_dequantising(tmp_path, capsys):
                  "--stats"]) == 0
     captured = capsys.readouterr()
     assert "6 generated" in captured.err and captured.out.endswith("\n")
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+def test_compile_flag_reaches_the_engine(command):
+    """`--compile` is one of the shared engine options, so generate, chat and serve all pass it on."""
+    from dsv32.cli import build_parser
+    from dsv32.infer.cli import engine_options
+
+    base = [command, "--model", "m"] + (["--prompt", "hi"] if command == "generate" else [])
+    assert engine_options(build_parser().parse_args(base + ["--compile"]))["compile"] is True
+    assert engine_options(build_parser().parse_args(base))["compile"] is False

@@ -21,6 +21,7 @@ from dsv32.cli import CLIError
 from dsv32.infer.launch import DEFAULT_MAX_SEQ_LEN
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
+COMPILE_HELP = "torch.compile the decode of a lone request (faster on CPU; the first one compiles for seconds)"
 
 
 # ---------------------------------------------------------------------- shared setup
@@ -30,7 +31,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", help="weights dtype: fp32 (default) or bf16")
     p.add_argument("--int8", action="store_true", help="weight-only int8 (per-channel) for faster CPU decoding")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs the MTP layer)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step's fixed-shape regions (seconds of compiling first)")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--max-seq-len", type=int, default=None,
                    help=f"context limit (default: min(model limit, {DEFAULT_MAX_SEQ_LEN}))")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
@@ -74,7 +75,7 @@ def add_parallel_flags(p: argparse.ArgumentParser) -> None:
 def engine_options(args) -> dict:
     """The `parallel_engine` keywords the shared model flags ask for."""
     return dict(tokenizer_dir=args.tokenizer, dtype=args.dtype, int8=args.int8, speculative=args.speculative,
-                max_seq_len=args.max_seq_len, threads=args.threads, expert_load=args.expert_load,
+                compile=args.compile, max_seq_len=args.max_seq_len, threads=args.threads, expert_load=args.expert_load,
                 redundant_experts=args.redundant_experts, log=lambda line: print(line, file=sys.stderr))
 
 
@@ -85,8 +86,7 @@ def build_engine(args):
     """
     from dsv32.infer.launch import parallel_engine
 
-    return parallel_engine(args.model, max_batch=1, compile=args.compile,
-                           **engine_options(args))
+    return parallel_engine(args.model, max_batch=1, **engine_options(args))
 
 
 class _Printer:

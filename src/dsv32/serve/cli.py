@@ -24,6 +24,8 @@ from dsv32.infer.launch import DEFAULT_MAX_SEQ_LEN
 
 
 def add_commands(sub) -> None:
+    from dsv32.infer.cli import COMPILE_HELP, add_parallel_flags
+
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, tools, metrics)",
                        description="Serve a checkpoint over an OpenAI-compatible HTTP API.")
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (config.json + safetensors)")
@@ -36,6 +38,7 @@ def add_commands(sub) -> None:
     p.add_argument("--dtype", default="fp32", help="weights dtype: fp32 (default) or bf16")
     p.add_argument("--int8", action="store_true", help="weight-only int8 (per-channel) for faster CPU decoding")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs the MTP layer)")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--max-seq-len", type=int, default=None,
                    help=f"context limit per request (default: min(model limit, {DEFAULT_MAX_SEQ_LEN}))")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
@@ -48,8 +51,6 @@ def add_commands(sub) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=5.0,
                    help="seconds requests in flight may run on after SIGTERM/SIGINT (default 5)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
-    from dsv32.infer.cli import add_parallel_flags
-
     add_parallel_flags(p)
     p.set_defaults(func=cmd_serve)
 
