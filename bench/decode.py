@@ -137,29 +137,39 @@ def section_throughput(args, ours, hf, results):
 
 
 def section_compile(args, ours, hf, results):
-    """Batch 1 with `Engine(compile=True)` (the compiled one-token steps), interleaved with eager and transformers."""
+    """Batch 1 with `Engine(compile=True)` (the compiled one-token steps), fp32 and int8, interleaved with
+    eager fp32 and transformers."""
+    from dsv32.infer.quant import quantize_int8
+
     ps = prompts(ours.config.vocab_size, 1, args.prompt_len, seed=1)
     n = args.new_tokens
+    int8 = quantize_int8(copy.deepcopy(ours))
     t0 = time.perf_counter()
     engine_decode(ours, ps, 4, compile=True)  # compiles the one-token steps
     compile_s = time.perf_counter() - t0
-    times: dict = {"eager": [], "compiled": [], "hf": []}
+    engine_decode(int8, ps, 4, compile=True)
+    runs = {"eager": (ours, False), "compiled": (ours, True), "compiled_int8": (int8, True)}
+    times: dict = {side: [] for side in (*runs, "hf")}
     for r in range(args.repeats):
-        for side in ("eager", "compiled", "hf") if r % 2 == 0 else ("hf", "compiled", "eager"):
+        for side in times if r % 2 == 0 else reversed(times):
             if side == "hf":
                 full, _ = hf_generate(hf, ps, n + 1)
                 first, _ = hf_generate(hf, ps, 1)
                 times["hf"].append(full - first)
             else:
-                seconds, toks, _ = engine_decode(ours, ps, n + 1, compile=side == "compiled")
-                times[side].append(seconds)
+                model, compiled = runs[side]
+                times[side].append(engine_decode(model, ps, n + 1, compile=compiled)[0])
     tps = {side: n / best(t) for side, t in times.items()}
     results["compile"] = {"compiled_tok_s": round(tps["compiled"], 1), "eager_tok_s": round(tps["eager"], 1),
-                          "hf_tok_s": round(tps["hf"], 1), "compiled_vs_eager": round(tps["compiled"] / tps["eager"], 3),
-                          "compiled_vs_hf": round(tps["compiled"] / tps["hf"], 3), "compile_seconds": round(compile_s, 1)}
-    print(f"compiled decode (Engine(compile=True)), batch 1: {tps['compiled']:7.1f} tok/s   eager {tps['eager']:7.1f}   transformers "
-          f"{tps['hf']:7.1f}   compiled/eager {tps['compiled'] / tps['eager']:5.2f}x   compiled/transformers "
-          f"{tps['compiled'] / tps['hf']:5.2f}x   (compiling took {compile_s:.0f} s)", flush=True)
+                          "compiled_int8_tok_s": round(tps["compiled_int8"], 1), "hf_tok_s": round(tps["hf"], 1),
+                          "compiled_vs_eager": round(tps["compiled"] / tps["eager"], 3),
+                          "compiled_vs_hf": round(tps["compiled"] / tps["hf"], 3),
+                          "compiled_int8_vs_hf": round(tps["compiled_int8"] / tps["hf"], 3),
+                          "compile_seconds": round(compile_s, 1)}
+    print(f"compiled decode (Engine(compile=True)), batch 1: {tps['compiled']:7.1f} tok/s   eager {tps['eager']:7.1f}   "
+          f"transformers {tps['hf']:7.1f}   compiled/eager {tps['compiled'] / tps['eager']:5.2f}x   compiled/transformers "
+          f"{tps['compiled'] / tps['hf']:5.2f}x   (compiling took {compile_s:.0f} s); int8 compiled "
+          f"{tps['compiled_int8']:7.1f} tok/s ({tps['compiled_int8'] / tps['hf']:5.2f}x transformers)", flush=True)
 
 
 def section_prefill(args, ours, hf, results):

@@ -164,7 +164,7 @@ def test_active_experts_equal_the_loop_reference(monkeypatch, tokens, paired):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["v3-dense", "v32-sparse"])
+@pytest.mark.parametrize("name", ["v3-dense", "v32-sparse", "v3-dense-int8"])
 def test_compiled_one_token_steps_equal_the_eager_path(monkeypatch, name):
     """`DecodePath(compile=True)`: the same logits, hidden states and expert counts as eager. One token at
     three positions (the compiled one-token steps: the context length dynamic, so the positions share
@@ -174,10 +174,13 @@ def test_compiled_one_token_steps_equal_the_eager_path(monkeypatch, name):
 
     torch._dynamo.reset()
     counters.clear()
-    model = nano_model(**CONFIGS[name])
-    pair_expert_weights(model)
+    model = nano_model(**CONFIGS[name.removesuffix("-int8")])
+    if name.endswith("-int8"):  # int8 experts and head dequantised inside the compiled reductions
+        quantize_int8(model)
+    else:
+        pair_expert_weights(model)
     eager, compiled = DecodePath(model), DecodePath(model, compile=True)
-    assert DecodePath(quantize_int8(copy.deepcopy(model)), compile=True)._one_token_steps is None  # int8: eager
+    assert compiled._one_token_steps is not None
     one_token_calls = []
     monkeypatch.setattr(compiled, "_one_token", lambda *a: one_token_calls.append(1) or DecodePath._one_token(compiled, *a))
     for rows, seq, at in ((1, 1, 10), (1, 1, 22), (1, 1, 25), (2, 2, 22)):
@@ -188,10 +191,16 @@ def test_compiled_one_token_steps_equal_the_eager_path(monkeypatch, name):
             cache, _, tables = _fill(model, [at, 39][:rows])
             outs.append(path.forward(ids, positions, cache.batch(tables), keep=seq))
         (el, eh, ec), (cl, ch, cc) = outs
-        assert (cl - el).abs().max() < 1e-4 and (ch - eh).abs().max() < 1e-4 and torch.equal(cc, ec)
+        assert torch.equal(cc, ec)
+        if name.endswith("-int8") and rows == 1:
+            # eager int8 rounds activations and products to bf16 (quant.int8_matmul); the compiled experts
+            # and head reduce in fp32: close, not equal, and the same greedy token
+            assert (cl - el).norm() / el.norm() < 1e-2 and torch.equal(cl.argmax(-1), el.argmax(-1))
+        else:
+            assert (cl - el).abs().max() < 1e-4 and (ch - eh).abs().max() < 1e-4
     assert len(one_token_calls) == 3
     graphs = counters["stats"]["unique_graphs"]
     torch._dynamo.reset()
     # first projections, dense and MoE layer steps, last layer and head; with DSA a second graph for the
     # steps that attend the selected keys. Positions 22 and 25 must share their graphs.
-    assert graphs <= (5 if name == "v3-dense" else 8)
+    assert graphs <= (8 if name == "v32-sparse" else 5)

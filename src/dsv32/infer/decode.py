@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv32.infer.cache import PagedBatch, PagedLayer
+from dsv32.infer.quant import Int8Experts, Int8Linear
 from dsv32.model.moe import Experts, MoE, Routing
 
 
@@ -320,9 +321,9 @@ def _final_norm(norm, lm_head, h: torch.Tensor, keep: int):
 
 
 def _fusable(model) -> bool:
-    """Whether the one-token steps apply: float routed experts and output head (int8 layers stay eager)."""
-    return type(model.lm_head) is torch.nn.Linear and all(
-        not isinstance(block.mlp, MoE) or type(block.mlp.experts) is Experts for block in model.layers)
+    """Whether the one-token steps apply: float or int8 routed experts and output head."""
+    return type(model.lm_head) in (torch.nn.Linear, Int8Linear) and all(
+        not isinstance(block.mlp, MoE) or type(block.mlp.experts) in (Experts, Int8Experts) for block in model.layers)
 
 
 def _projections(block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, freqs: torch.Tensor):
@@ -371,19 +372,34 @@ def _last_layer_step(block, h: torch.Tensor, q_cat: torch.Tensor, kv: torch.Tens
 def _head_as_reduction(norm, lm_head, h: torch.Tensor):
     """`_final_norm` for one token, the logits written as a reduction over the output head's rows: compiled,
     one fused kernel that streams the head at about the memory's rate (36 GB/s here, against 20-28 GB/s
-    for the chunked bmm; eager would materialise the product)."""
+    for the chunked bmm; eager would materialise the product). An int8 head is dequantised inside it."""
     hidden = _norm(h, norm)
-    return hidden, (lm_head.weight * hidden[:, -1:, None, :]).sum(-1)         # [1, 1, vocab]
+    row = hidden[:, -1:, None, :]                                              # [1, 1, 1, hidden]
+    if type(lm_head) is Int8Linear:
+        logits = _int8_rows(lm_head.qweight, lm_head.scale, row)
+        return hidden, (logits if lm_head.bias is None else logits + lm_head.bias)
+    return hidden, (lm_head.weight * row).sum(-1)                              # [1, 1, vocab]
 
 
-def _gathered_experts(experts: Experts, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def _int8_rows(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Rows q [..., out, in] (int8, scales [..., out]) times x [..., 1, in] as a reduction in fp32 (the
+    eager `quant.int8_matmul` kernel takes bf16 activations and rounds its product to bf16)."""
+    return (q.float() * x).sum(-1) * scale
+
+
+def _gathered_experts(experts, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """One token's chosen experts as reductions over their indexed weights (x [1, hidden]). Compiled, the
-    indexing fuses into the reduction loops: each chosen weight is read once and nothing is copied
-    (eager would materialise the gathered weights: use `_active_experts` there)."""
+    indexing (and for int8 the dequantisation) fuses into the reduction loops: each chosen weight is
+    read once and nothing is copied (eager would materialise the gathered weights: use
+    `_active_experts` there)."""
     idx, xv = indices[0], x[0]
-    gate = (experts.gate_proj[idx] * xv).sum(-1)                               # [top_k, inter]
-    up = (experts.up_proj[idx] * xv).sum(-1)
-    out = (experts.down_proj[idx] * (F.silu(gate) * up)[:, None, :]).sum(-1)   # [top_k, hidden]
+    if type(experts) is Int8Experts:
+        gate, up = _int8_rows(experts.gate_up_q[idx], experts.gate_up_scale[idx], xv).chunk(2, dim=-1)
+        out = _int8_rows(experts.down_q[idx], experts.down_scale[idx], (F.silu(gate) * up)[:, None, :])
+    else:
+        gate = (experts.gate_proj[idx] * xv).sum(-1)                           # [top_k, inter]
+        up = (experts.up_proj[idx] * xv).sum(-1)
+        out = (experts.down_proj[idx] * (F.silu(gate) * up)[:, None, :]).sum(-1)  # [top_k, hidden]
     return (out * weights[0, :, None].to(out.dtype)).sum(0, keepdim=True, dtype=torch.float32).to(x.dtype)
 
 
