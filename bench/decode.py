@@ -166,8 +166,9 @@ def section_compile(args, ours, hf, results):
                           "compiled_vs_hf": round(tps["compiled"] / tps["hf"], 3),
                           "compiled_int8_vs_hf": round(tps["compiled_int8"] / tps["hf"], 3),
                           "compile_seconds": round(compile_s, 1)}
-    print(f"compiled decode (Engine(compile=True)), batch 1: {tps['compiled']:7.1f} tok/s   eager {tps['eager']:7.1f}   "
-          f"transformers {tps['hf']:7.1f}   compiled/eager {tps['compiled'] / tps['eager']:5.2f}x   compiled/transformers "
+    print(f"compiled decode (Engine(compile=True)), batch 1: {tps['compiled']:7.1f} tok/s   "
+          f"eager {tps['eager']:7.1f}   transformers {tps['hf']:7.1f}   "
+          f"compiled/eager {tps['compiled'] / tps['eager']:5.2f}x   compiled/transformers "
           f"{tps['compiled'] / tps['hf']:5.2f}x   (compiling took {compile_s:.0f} s); int8 compiled "
           f"{tps['compiled_int8']:7.1f} tok/s ({tps['compiled_int8'] / tps['hf']:5.2f}x transformers)", flush=True)
 

@@ -182,7 +182,8 @@ def test_compiled_one_token_steps_equal_the_eager_path(monkeypatch, name):
     eager, compiled = DecodePath(model), DecodePath(model, compile=True)
     assert compiled._one_token_steps is not None
     one_token_calls = []
-    monkeypatch.setattr(compiled, "_one_token", lambda *a: one_token_calls.append(1) or DecodePath._one_token(compiled, *a))
+    monkeypatch.setattr(compiled, "_one_token",
+                        lambda *a: one_token_calls.append(1) or DecodePath._one_token(compiled, *a))
     for rows, seq, at in ((1, 1, 10), (1, 1, 22), (1, 1, 25), (2, 2, 22)):
         ids = torch.tensor([[5, 6], [7, 8]])[:rows, :seq]
         positions = torch.tensor([[at, at + 1], [39, 40]])[:rows, :seq]

@@ -98,8 +98,6 @@ class DecodePath:
         self.n_layers = cfg.num_hidden_layers
         self.inv_freq = torch.tensor(model.rotary.inv_freq, dtype=torch.float32)
         self.attention_factor = model.rotary.attention_factor
-        self.compiled = compile
-        self._pre, self._post, self._finish, self._final_norm = _pre_attention, _post_attention, _finish, _final_norm
         # each variant its own function, so that each call checks the guards of one graph only
         steps = (_first_projections, _layer_step, _dense_layer_step, _last_layer_step, _head_as_reduction)
         self._one_token_steps = None
@@ -172,9 +170,9 @@ class DecodePath:
     # ------------------------------------------------------------------ blocks
     def _block(self, block, h, positions, rope, layer, allowed, n_keys, counts: list):
         attn = block.self_attn
-        x, q_latent, q_cat, latent, k_pe = self._pre(block, h, rope[2])
+        x, q_latent, q_cat, latent, k_pe = _pre_attention(block, h, rope[2])
         out_latent = self._attend(attn, q_cat, x, q_latent, latent, k_pe, positions, rope, layer, allowed, n_keys)
-        h, x, weights, indices = self._post(block, h, out_latent)
+        h, x, weights, indices = _post_attention(block, h, out_latent)
         mlp = block.mlp
         if not isinstance(mlp, MoE):
             return h
@@ -185,7 +183,7 @@ class DecodePath:
                   else experts.forward(flat, routing)).view_as(x)
         if counts is not None:
             counts.append(torch.bincount(indices.flatten(), minlength=experts.n_experts))
-        return self._finish(mlp, h, x, routed)
+        return _finish(mlp, h, x, routed)
 
     def _setup(self, positions: torch.Tensor):
         n_keys = int(positions.max()) + 1
@@ -204,7 +202,7 @@ class DecodePath:
         counts: list = []
         for i, block in enumerate(model.layers):
             h = self._block(block, h, positions, rope, cache.layer(i), allowed, n_keys, counts)
-        hidden, logits = self._final_norm(model.norm, model.lm_head, h, keep)
+        hidden, logits = _final_norm(model.norm, model.lm_head, h, keep)
         return logits, hidden, (torch.stack(counts) if counts else None)
 
     def _one_token(self, input_ids, positions, cache: PagedBatch, keep: int):
@@ -235,8 +233,9 @@ class DecodePath:
             if i + 1 == len(layers):
                 h, indices = last_step(block, h, q_cat, kv)
             else:
-                h, indices, x, q_latent, q_cat, latent, k_pe, index_key = (
-                    step if isinstance(block.mlp, MoE) else dense_step)(block, layers[i + 1], h, q_cat, kv, cos, sin, freqs)
+                layer_step = step if isinstance(block.mlp, MoE) else dense_step
+                h, indices, x, q_latent, q_cat, latent, k_pe, index_key = layer_step(
+                    block, layers[i + 1], h, q_cat, kv, cos, sin, freqs)
             if indices is not None:
                 counts.append(torch.bincount(indices.flatten(), minlength=block.mlp.experts.n_experts))
         hidden, logits = head(model.norm, model.lm_head, h)
