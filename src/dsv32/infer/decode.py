@@ -46,7 +46,15 @@ def _weight_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _linear(module, x: torch.Tensor) -> torch.Tensor:
-    """`module.forward(x)`; a plain `nn.Linear` goes through `_weight_linear`."""
+    """`module.forward(x)`; a plain `nn.Linear` goes through `_weight_linear`. Inside the compiled one-token
+    steps a one-row float or int8 linear is a reduction over the weight's rows, which the compiler fuses
+    (with the int8 dequantisation): 4-7% faster there than the chunked bmm or the int8 kernel."""
+    if torch.compiler.is_compiling() and x.numel() == x.shape[-1] and type(module) in (torch.nn.Linear, Int8Linear):
+        if type(module) is Int8Linear:
+            y = _int8_rows(module.qweight, module.scale, x[..., None, :])
+        else:
+            y = (module.weight * x[..., None, :]).sum(-1)
+        return y if module.bias is None else y + module.bias
     if type(module) is not torch.nn.Linear:
         return module.forward(x)
     y = _weight_linear(x.reshape(-1, x.shape[-1]), module.weight)
