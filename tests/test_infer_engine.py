@@ -312,8 +312,8 @@ def test_bad_requests_are_clear_errors(model):
 
 def test_compiled_engine_decodes_like_the_reference():
     """`Engine(compile=True)` on a V3 model: one request alone (the compiled one-token steps) and three
-    arriving at different steps (the compiled per-block regions at batch 2 and 3) give the greedy tokens
-    of plain recomputation."""
+    arriving at different steps (eager steps at batch 2 and 3, compiled ones while a request runs alone)
+    give the greedy tokens of plain recomputation."""
     torch._dynamo.reset()
     v3 = nano_model(model_type="deepseek_v3")
     ps = prompts_for(v3.config, LENGTHS[:3])
