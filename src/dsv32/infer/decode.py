@@ -134,25 +134,22 @@ class DecodePath:
         # one row with one query at the furthest position sees every key: no mask needed
         every = allowed if batch * seq > 1 else None
         if indexer is not None and n_keys > indexer.topk:
-            scores = self._index_scores(indexer, q_latent, x, layer.read_index_keys(n_keys), cos, sin)
-            selected = topk_positions(scores, every, indexer.topk)              # [batch, seq, topk]
-            kv = layer.gather_kv(selected).flatten(0, 1)                        # [batch*seq, topk, C + R]
+            selected, kv = self._selected_kv(indexer, q_latent, x, layer, n_keys, cos, sin, every)
+            kv = kv.flatten(0, 1)                                               # [batch*seq, topk, C + R]
             valid = every.gather(-1, selected).flatten(0, 1)[:, None] if every is not None else None
             queries = q_cat.view(batch * seq, heads, -1)                        # one query row per (b, s)
         else:
             kv = layer.read_kv(n_keys)                                          # [batch, n_keys, C + R]
             valid = every.repeat_interleave(heads, dim=1) if every is not None else None
             queries = q_cat.view(batch, seq * heads, -1)
-        if queries.shape[0] == 1:  # mm of the queries against the keys' transpose: ~1.7x bmm's rate here
-            logits = torch.mm(queries[0], kv[0].t())[None]
-        else:
-            logits = torch.bmm(queries, kv.transpose(1, 2))
-        logits = logits.float() * attn.softmax_scale                            # [rows, queries, keys]
-        if valid is not None:
-            logits = logits.masked_fill(~valid, float("-inf"))
-        probs = torch.softmax(logits, dim=-1).to(kv.dtype)
-        out_latent = torch.bmm(probs, kv[..., : attn.kv_lora_rank])             # [rows, queries, C]
+        out_latent = _attend_keys(attn, queries, kv, valid)                     # [rows, queries, C]
         return out_latent.reshape(batch * seq, heads, -1).transpose(0, 1)       # [heads, batch*seq, C]
+
+    def _selected_kv(self, indexer, q_latent, x, layer: PagedLayer, n_keys: int, cos, sin, allowed):
+        """DSA's choice for each query: (positions [batch, seq, topk], their latents [batch, seq, topk, C + R])."""
+        scores = self._index_scores(indexer, q_latent, x, layer.read_index_keys(n_keys), cos, sin)
+        selected = topk_positions(scores, allowed, indexer.topk)
+        return selected, layer.gather_kv(selected)
 
     @staticmethod
     def _index_scores(indexer, q_latent, x, keys, cos, sin) -> torch.Tensor:
@@ -233,8 +230,7 @@ class DecodePath:
             layer.write(positions, latent, k_pe, index_key)
             indexer = block.self_attn.indexer
             if indexer is not None and n_keys > indexer.topk:
-                scores = self._index_scores(indexer, q_latent, x, layer.read_index_keys(n_keys), cos, sin)
-                kv = layer.gather_kv(topk_positions(scores, None, indexer.topk))[:, 0]  # [1, topk, C + R]
+                kv = self._selected_kv(indexer, q_latent, x, layer, n_keys, cos, sin, None)[1][:, 0]  # [1, topk, C + R]
             else:
                 kv = layer.read_kv(n_keys)                                      # [1, n_keys, C + R]
                 dynamo.mark_dynamic(kv, 1)
@@ -300,6 +296,20 @@ def _pre_attention(block, h: torch.Tensor, freqs: torch.Tensor):
     return x, q_latent, q_cat, latent, k_pe
 
 
+def _attend_keys(attn, queries: torch.Tensor, kv: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Absorbed attention of queries [rows, q, C + R] over kv [rows, keys, C + R] (valid: [rows, q or 1, keys]
+    or None) -> out_latent [rows, q, C]."""
+    if queries.shape[0] == 1:  # mm of the queries against the keys' transpose: ~1.7x bmm's rate here
+        logits = torch.mm(queries[0], kv[0].t())[None]
+    else:
+        logits = torch.bmm(queries, kv.transpose(1, 2))
+    logits = logits.float() * attn.softmax_scale                                # [rows, q, keys]
+    if valid is not None:
+        logits = logits.masked_fill(~valid, float("-inf"))
+    probs = torch.softmax(logits, dim=-1).to(kv.dtype)
+    return torch.bmm(probs, kv[..., : attn.kv_lora_rank])
+
+
 def _post_attention(block, h: torch.Tensor, out_latent: torch.Tensor):
     """Value up-projection, output projection, residual, norm and routing -> (h, x, weights, indices);
     for a dense block the MLP too (x, weights and indices None)."""
@@ -349,10 +359,7 @@ def _block_after_write(block, h: torch.Tensor, q_cat: torch.Tensor, kv: torch.Te
     """One token through `block` after its cache write: attention over kv [1, n_keys, C + R], output
     projection, MLP or routed experts -> (h, expert indices or None)."""
     attn = block.self_attn
-    heads = attn.n_heads
-    logits = torch.bmm(q_cat.view(1, heads, -1), kv.transpose(1, 2)).float() * attn.softmax_scale  # [1, heads, n_keys]
-    probs = torch.softmax(logits, dim=-1).to(kv.dtype)
-    out_latent = torch.bmm(probs, kv[..., : attn.kv_lora_rank]).transpose(0, 1)  # [heads, 1, C]
+    out_latent = _attend_keys(attn, q_cat.view(1, attn.n_heads, -1), kv, None).transpose(0, 1)  # [heads, 1, C]
     h, x, weights, indices = _post_attention(block, h, out_latent)
     if weights is not None:
         routed = _gathered_experts(block.mlp.experts, x.view(1, -1), weights, indices).view_as(x)
