@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv32.infer.cache import PagedBatch, PagedLayer
-from dsv32.infer.quant import Int8Experts, Int8Linear
+from dsv32.infer.quant import Int8Experts, Int8Linear, one_token_combine
 from dsv32.model.moe import Experts, MoE, Routing
 
 
@@ -414,7 +414,7 @@ def _gathered_experts(experts, x: torch.Tensor, weights: torch.Tensor, indices: 
         gate = (experts.gate_proj[idx] * xv).sum(-1)                           # [top_k, inter]
         up = (experts.up_proj[idx] * xv).sum(-1)
         out = (experts.down_proj[idx] * (F.silu(gate) * up)[:, None, :]).sum(-1)  # [top_k, hidden]
-    return (out * weights[0, :, None].to(out.dtype)).sum(0, keepdim=True, dtype=torch.float32).to(x.dtype)
+    return one_token_combine(out, weights).to(x.dtype)
 
 
 def _active_experts(experts: Experts, x: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -431,8 +431,7 @@ def _active_experts(experts: Experts, x: torch.Tensor, routing: Routing) -> torc
     pairs = _gate_up_pairs(experts)
     if tokens == 1:  # no sorting: each chosen expert on the one token, then the weighted sum in fp32
         outs = torch.cat([_expert(experts, pairs, x, e) for e in routing.indices[0].tolist()])  # [top_k, hidden]
-        weighted = outs * routing.weights[0, :, None].to(x.dtype)
-        return weighted.sum(0, keepdim=True, dtype=torch.float32).to(x.dtype)
+        return one_token_combine(outs, routing.weights)
     flat_expert = routing.indices.flatten()
     order = torch.argsort(flat_expert, stable=True)
     token_of = order // top_k

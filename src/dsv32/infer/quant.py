@@ -56,6 +56,13 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ones: tor
     return y.view(*shape[:-1], q.shape[0])
 
 
+def one_token_combine(outs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """One token's expert outputs [top_k, hidden] weighted by its routing weights [1, top_k] and summed in
+    fp32 (as `Experts.forward` accumulates) -> [1, hidden]."""
+    weighted = outs * weights[0, :, None].to(outs.dtype)
+    return weighted.sum(0, keepdim=True, dtype=torch.float32).to(outs.dtype)
+
+
 class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -101,8 +108,7 @@ class Int8Experts(nn.Module):
         tokens, top_k = routing.indices.shape
         if tokens == 1:  # decoding one token: its experts in turn, no sorting
             outs = torch.cat([self._expert(e, x) for e in routing.indices[0].tolist()])      # [top_k, hidden]
-            weighted = outs * routing.weights[0, :, None].to(x.dtype)
-            return weighted.sum(0, keepdim=True, dtype=torch.float32).to(x.dtype)
+            return one_token_combine(outs, routing.weights)
         flat_expert = routing.indices.flatten()
         order = torch.argsort(flat_expert, stable=True)
         token_of = order // top_k
