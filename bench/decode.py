@@ -11,7 +11,7 @@ interleaved and each figure is the best of `--repeats`: this class of machine sh
 run-to-run noise, far more when other jobs share its cores, and the slow runs measure those jobs):
   1. decode tokens/s at batch 1 and 8: dsv32 `Engine` vs `generate` (decode time = time for N+1 new
      tokens minus time for 1, i.e. without the prefill), and whether the greedy tokens agree; then batch 1
-     with `Engine(compile=True)` against eager and transformers;
+     with `Engine(compile=True)`, fp32 and int8, against eager and transformers;
   2. prefill tokens/s of one `--prefill-len` prompt;
   3. DSA vs dense decode step time at 4K/16K/32K tokens of context on the V3.2 variant of the model
      (index_topk 2048, the release value); the cache is filled with random latents (a 32K prefill of
@@ -100,6 +100,13 @@ def hf_generate(hf, batch_prompts, new_tokens: int):
     return time.perf_counter() - t0, out[:, ids.shape[1]:].tolist()
 
 
+def hf_decode(hf, batch_prompts, new_tokens: int):
+    """Seconds for `new_tokens` tokens without the prefill (generate(N) - generate(1)), and the tokens."""
+    full, tokens = hf_generate(hf, batch_prompts, new_tokens)
+    first, _ = hf_generate(hf, batch_prompts, 1)
+    return full - first, tokens
+
+
 def hf_prefill_time(hf, prompt) -> float:
     ids = torch.tensor([prompt])
     t0 = time.perf_counter()
@@ -123,9 +130,8 @@ def section_throughput(args, ours, hf, results):
                     seconds, toks, _ = engine_decode(ours, ps, n + 1)
                     t_ours.append(seconds)
                 else:
-                    full, hf_toks = hf_generate(hf, ps, n + 1)
-                    first, _ = hf_generate(hf, ps, 1)
-                    t_hf.append(full - first)
+                    seconds, hf_toks = hf_decode(hf, ps, n + 1)
+                    t_hf.append(seconds)
             if agree is None:
                 agree = sum(a == b for ra, rb in zip(toks, hf_toks) for a, b in zip(ra, rb)) / (batch * (n + 1))
         ours_tps = batch * n / best(t_ours)
@@ -153,9 +159,7 @@ def section_compile(args, ours, hf, results):
     for r in range(args.repeats):
         for side in times if r % 2 == 0 else reversed(times):
             if side == "hf":
-                full, _ = hf_generate(hf, ps, n + 1)
-                first, _ = hf_generate(hf, ps, 1)
-                times["hf"].append(full - first)
+                times["hf"].append(hf_decode(hf, ps, n + 1)[0])
             else:
                 model, compiled = runs[side]
                 times[side].append(engine_decode(model, ps, n + 1, compile=compiled)[0])
