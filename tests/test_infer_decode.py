@@ -136,6 +136,28 @@ def test_topk_positions_is_the_stable_sort_set(seed):
         assert torch.equal(got, want.sort(dim=-1).values)  # the same set, in position order
 
 
+
+@pytest.mark.parametrize("case", ["distinct", "ties", "few_allowed"])
+def test_topk_positions_one_long_row(monkeypatch, case):
+    """One row of at least SAMPLE_STRIDE * k scores takes the sampled route (`_one_row_topk`) when the
+    scores are distinct; ties at the k-th score or too few allowed keys fall back to the full route.
+    Every case gives the stable-sort set."""
+    from dsv32.infer import decode as decode_module
+
+    routes = []
+    sampled = decode_module._one_row_topk
+    monkeypatch.setattr(decode_module, "_one_row_topk", lambda row, k: routes.append(sampled(row, k)) or routes[-1])
+    g = torch.Generator().manual_seed(3)
+    n, k = 4096, 64
+    if case == "ties":
+        scores = torch.randint(0, 40, (1, 1, n), generator=g).float()  # ~100 keys per value: the k-th is tied
+    else:
+        scores = torch.randn(1, 1, n, generator=g)
+    allowed = (torch.arange(n) < (30 if case == "few_allowed" else n))[None, None]
+    got = topk_positions(scores, allowed, k)
+    want = select_topk(scores, allowed, k)
+    assert torch.equal(got, want.sort(dim=-1).values)
+    assert len(routes) == 1 and (routes[0] is not None) == (case == "distinct")
 @pytest.mark.parametrize("paired", [False, True])
 @pytest.mark.parametrize("tokens", [1, 3, 12])
 def test_active_experts_equal_the_loop_reference(monkeypatch, tokens, paired):

@@ -31,6 +31,7 @@ from dsv32.model.moe import Experts, MoE, Routing
 # measured alike here at one row (two to three times a single GEMV); four also suits up to eight rows.
 SMALL_ROWS = 8
 LINEAR_CHUNKS = 4
+SAMPLE_STRIDE = 8  # one score in 8 bounds the k-th best from below (`_one_row_topk`)
 
 
 def _weight_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -74,13 +75,42 @@ def topk_positions(scores: torch.Tensor, allowed: torch.Tensor | None, k: int) -
     scores, allowed: [batch, seq, n_keys] (allowed None: every key) -> [batch, seq, k] key positions.
     """
     masked = scores if allowed is None else scores.masked_fill(~allowed, float("-inf"))
+    if masked.shape[:-1].numel() == 1 and masked.shape[-1] >= SAMPLE_STRIDE * k:
+        found = _one_row_topk(masked.view(-1), k)
+        if found is not None:
+            return found.view(*scores.shape[:-1], k)
     # the k-th best score (kthvalue: 3-6x faster than topk on CPU for 32K scores)
     kth = masked.kthvalue(masked.shape[-1] - k + 1, dim=-1, keepdim=True).values
+    take = masked >= kth
+    if int(take.sum()) == k * kth.numel():  # no ties at the k-th score: the set is complete
+        return take.nonzero()[:, -1].view(*scores.shape[:-1], k)
     above = masked > kth
     tied = masked == kth
     room = k - above.sum(dim=-1, keepdim=True)  # how many of the tied keys fit, lowest positions first
     take = above | (tied & (tied.cumsum(dim=-1) <= room))
     return take.nonzero()[:, -1].view(*scores.shape[:-1], k)
+
+
+def _one_row_topk(row: torch.Tensor, k: int) -> torch.Tensor | None:
+    """Positions of the k best of one row of scores [n] in position order, or None where the fast route
+    cannot decide (ties at the k-th score, or too few candidates): the caller then takes the full route.
+
+    A strided sample bounds the k-th score from below; the exact k-th is then found among the few
+    candidates above the bound. At 32K scores: ~0.1 ms against ~0.35 ms for kthvalue over the whole row.
+    """
+    sample = row[::SAMPLE_STRIDE]
+    expected = k // SAMPLE_STRIDE  # the sample's share of the k best
+    rank = min(sample.numel(), expected + 4 * int(expected ** 0.5) + 4)  # a margin of ~4 standard deviations
+    bound = sample.kthvalue(sample.numel() - rank + 1).values
+    candidates = (row >= bound).nonzero().view(-1)                         # [~1.25 k] positions, in order
+    if candidates.numel() < k:
+        return None
+    values = row.index_select(0, candidates)
+    kth = values.kthvalue(candidates.numel() - k + 1).values
+    take = values >= kth
+    if int(take.sum()) != k:
+        return None
+    return candidates[take]
 
 
 class DecodePath:
@@ -167,7 +197,7 @@ class DecodePath:
             dots = F.linear(keys[0].float(), queries[0].contiguous())[None]     # [1, n_keys, seq * heads]
         else:
             dots = torch.bmm(keys.float(), queries.transpose(1, 2))             # [batch, n_keys, seq * heads]
-        per_head = F.relu(dots).view(batch, -1, seq, indexer.n_heads)
+        per_head = dots.clamp_min_(0).view(batch, -1, seq, indexer.n_heads)      # ReLU in place: dots is fresh
         if seq == 1:  # the head-weighted sum as a matmul
             return torch.bmm(per_head.view(batch, -1, indexer.n_heads), w.view(batch, -1, 1)).view(batch, 1, -1)
         return torch.einsum("btsh,bsh->bst", per_head, w)                       # [batch, seq, n_keys]
