@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from dsv32.train import distributed as du
+from dsv32.train.allocator import retain_freed_memory
 
 STATE_FILE = "train_state.json"
 FORMAT_VERSION = 1
@@ -330,6 +331,7 @@ class ResumableTrainer:
         """Train to `cfg.steps` (or `cfg.stop_after`): evaluate, log, checkpoint on schedule, then
         `finish()` when the last step is done. Returns the last step's record."""
         cfg = self.cfg
+        retain_freed_memory()  # every step reallocates the same large tensors: reuse, not fresh page faults
         progress = None
         if cfg.progress and getattr(self, "is_main", True):
             from tqdm import tqdm
