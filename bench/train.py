@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny config, batch 4x128, 3 repeats, 1 warm-up")
     parser.add_argument("--profile", choices=PRECISIONS, help="print a torch.profiler table of one step of each model")
     parser.add_argument("--profile-only", action="store_true", help="with --profile: skip the timed comparison")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="apply dsv32.train.allocator.retain_freed_memory (what `dsv32 train` runs with) to this "
+                             "process, so that neither model pays page faults for its large temporaries")
     args = parser.parse_args(argv)
     if args.quick:
         args.config, args.batch, args.seq, args.repeats, args.warmup = "tiny", 4, 128, 3, 1
@@ -148,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
+    if args.retain_freed_memory:
+        from dsv32.train.allocator import retain_freed_memory
+
+        if not retain_freed_memory():
+            raise SystemExit("train.py: error: --retain-freed-memory needs glibc (Linux)")
 
     cfg = bench_config(args.config)
     ours = build_random_model(cfg, seed=args.seed).train()
@@ -239,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         "mfu": results[best]["dsv32_mfu"], "mfu_precision": best,
         "config": args.config, "batch": args.batch, "seq": args.seq, "params_m": round(cfg.num_params() / 1e6, 1),
         "threads": torch.get_num_threads(), "repeats": args.repeats, "hf_experts": hf.config._experts_implementation,
+        "retain_freed_memory": args.retain_freed_memory,
         "train_flops_per_token": flops_per_token, "load_avg_1min": [load_start, os.getloadavg()[0]],
         "torch": torch.__version__, "transformers": transformers.__version__,
         "results": results, "numerics": checks,
