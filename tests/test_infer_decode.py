@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 
+from dsv32.infer import decode as decode_module
 from dsv32.infer.cache import PagedLatentCache
 from dsv32.infer.decode import DecodePath, pair_expert_weights, topk_positions
 from dsv32.infer.quant import quantize_int8
@@ -114,8 +115,6 @@ def test_fast_path_on_int8_paired_and_transposed_weights(variant):
 def test_small_row_linear_equals_f_linear(rows, bias):
     """`_linear` runs up to SMALL_ROWS rows as a chunked bmm; more rows, odd widths and transposed
     weights go through the module."""
-    from dsv32.infer import decode as decode_module
-
     torch.manual_seed(rows)
     for out_features in (24, 6, 7):
         layer = torch.nn.Linear(16, out_features, bias=bias)
@@ -136,14 +135,30 @@ def test_topk_positions_is_the_stable_sort_set(seed):
         assert torch.equal(got, want.sort(dim=-1).values)  # the same set, in position order
 
 
+@pytest.mark.parametrize("n_keys", [decode_module.LONG_KEYS, decode_module.LONG_KEYS + 3])
+def test_many_keys_layout_equals_the_plain_attention(monkeypatch, n_keys):
+    """One row over LONG_KEYS or more keys runs `_attend_many_keys` (the [keys, queries] layout, blocks of
+    keys plus a remainder); an all-true mask forces the plain path on the same inputs."""
+    from types import SimpleNamespace
+
+    calls = []
+    many = decode_module._attend_many_keys
+    monkeypatch.setattr(decode_module, "_attend_many_keys", lambda *a: calls.append(1) or many(*a))
+    g = torch.Generator().manual_seed(4)
+    attn = SimpleNamespace(softmax_scale=0.9, kv_lora_rank=12)
+    queries, kv = torch.randn(1, 8, 20, generator=g), torch.randn(1, n_keys, 20, generator=g)
+    got = decode_module._attend_keys(attn, queries, kv, None)
+    assert calls == [1]
+    want = decode_module._attend_keys(attn, queries, kv, torch.ones(1, 1, n_keys, dtype=torch.bool))
+    assert calls == [1]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
 
 @pytest.mark.parametrize("case", ["distinct", "ties", "few_allowed"])
 def test_topk_positions_one_long_row(monkeypatch, case):
     """One row of at least SAMPLE_STRIDE * k scores takes the sampled route (`_one_row_topk`) when the
     scores are distinct; ties at the k-th score or too few allowed keys fall back to the full route.
     Every case gives the stable-sort set."""
-    from dsv32.infer import decode as decode_module
-
     routes = []
     sampled = decode_module._one_row_topk
     monkeypatch.setattr(decode_module, "_one_row_topk", lambda row, k: routes.append(sampled(row, k)) or routes[-1])
@@ -164,7 +179,6 @@ def test_active_experts_equal_the_loop_reference(monkeypatch, tokens, paired):
     """1 token: its experts one by one; 3 tokens x top-2 of 8 experts: one SwiGLU per active expert;
     12 tokens: the padded batched block (more copies than experts). Expert 7 gets nothing in the last
     case. Paired: gate and up stored side by side (`pair_expert_weights`), one bmm for both."""
-    from dsv32.infer import decode as decode_module
     from dsv32.model.moe import Experts, Routing
 
     torch.manual_seed(0)
