@@ -45,7 +45,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if needs_grad:
                     # d loss / d logits = softmax - one-hot, rounded once to the matmul dtype
                     grad = torch.exp(log_probs, out=logits[rows])
-                    grad.scatter_(1, target, (picked.exp() - 1).to(dtype))
+                    # put_ at flat positions: scatter_ into a bf16 chunk takes ~2 ms here, put_ ~10 us
+                    at_target = torch.arange(grad.shape[0], device=grad.device)[:, None] * grad.shape[1] + target
+                    grad.put_(at_target.view(-1), (picked.exp() - 1).to(dtype).view(-1))
                     if not bool(valid.all()):
                         grad.mul_(valid)                                        # ignored tokens: no gradient
         grad_logits = logits if needs_grad else None
