@@ -35,7 +35,7 @@ def test_freed_tensors_are_reused_without_page_faults():
     assert retained < default // 5, (default, retained)  # measured here: 104K -> 10K
 
 
-def test_the_training_loop_applies_it(monkeypatch, tmp_path):
+def test_the_training_loop_applies_it(monkeypatch):
     """`ResumableTrainer.run_steps` turns the setting on before its first step."""
     from dsv32.train import state
 

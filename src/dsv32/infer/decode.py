@@ -99,7 +99,7 @@ def _one_row_topk(row: torch.Tensor, k: int) -> torch.Tensor | None:
     cannot decide (ties at the k-th score, or too few candidates): the caller then takes the full route.
 
     A strided sample bounds the k-th score from below; the exact k-th is then found among the few
-    candidates above the bound. At 32K scores: ~0.1 ms against ~0.35 ms for kthvalue over the whole row.
+    candidates above the bound. At 32K scores: ~0.1 ms against ~0.35 ms for the full route.
     """
     sample = row[::SAMPLE_STRIDE]
     expected = k // SAMPLE_STRIDE  # the sample's share of the k best
