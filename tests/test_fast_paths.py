@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from dsv32 import ModelConfig, Transformer
-from dsv32.model.layers import RMSNorm
+from dsv32.model import layers
+from dsv32.model.layers import Linear, RMSNorm, linear
 from dsv32.model.loss import linear_cross_entropy, linear_cross_entropy_reference
 from dsv32.model.mla import _sdpa
 from dsv32.model.moe import MoE
@@ -264,3 +265,67 @@ def test_fused_head_losses_equal_cross_entropy_of_the_logits():
     assert len(fused_grads) == len(plain_grads)
     for a, b in zip(fused_grads, plain_grads):   # fp32, summed in another order: relative to each gradient's size
         assert float((a - b).norm() / b.norm().clamp_min(1e-12)) < 1e-5
+
+
+def _count_onednn_calls(monkeypatch) -> list:
+    """Route the oneDNN op through a counter; skip where this torch build has none."""
+    op = layers._onednn_linear_op()
+    if not op:
+        pytest.skip("no oneDNN linear op in this torch build")
+    calls = []
+
+    def counted(*args):
+        calls.append(tuple(args[0].shape))
+        return op(*args)
+
+    monkeypatch.setattr(layers, "_onednn_op", counted)
+    return calls
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("layout", ["3d", "transposed_input", "one_row"])
+def test_onednn_linear_equals_f_linear_with_gradients(monkeypatch, bias, layout):
+    calls = _count_onednn_calls(monkeypatch)
+    weight = torch.randn(40, 24, generator=gen(0))
+    b = torch.randn(40, generator=gen(1)) if bias else None
+    x = {"3d": torch.randn(3, 5, 24, generator=gen(2)),
+         "transposed_input": torch.randn(24, 6, generator=gen(2)).t(),          # a non-contiguous [6, 24]
+         "one_row": torch.randn(1, 24, generator=gen(2))}[layout]
+    inputs = (x, weight) + ((b,) if bias else ())
+    got, got_grads = grads(lambda x, w, *bb: linear(x, w, *bb), *inputs)
+    assert calls, "the fp32 CPU linear did not take the oneDNN path"
+    n_forward = len(calls)
+    want, want_grads = grads(lambda x, w, *bb: F.linear(x, w, *bb), *inputs)
+    assert len(calls) == n_forward  # F.linear itself stays MKL
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_linear_is_skipped_where_it_does_not_apply(monkeypatch):
+    calls = _count_onednn_calls(monkeypatch)
+    layer = Linear(16, 8)
+    x = torch.randn(4, 16, generator=gen(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16  # autocast's own bf16 kernel
+    assert layer.to(torch.float64)(x.double()).dtype == torch.float64
+    assert layer(torch.zeros(0, 16, dtype=torch.float64)).shape == (0, 8)
+    monkeypatch.setattr(layers, "ONEDNN_FP32", False)
+    layer = layer.float()
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert calls == []
+    monkeypatch.setattr(layers, "ONEDNN_FP32", True)
+    layer(x)
+    assert calls == [(4, 16)]
+
+
+def test_model_projections_and_head_loss_take_the_onednn_path(monkeypatch):
+    """Every projection of an fp32 model on CPU is a `Linear`, and a training step's matmuls go through oneDNN."""
+    calls = _count_onednn_calls(monkeypatch)
+    cfg = ModelConfig.preset("nano")
+    model = Transformer(cfg)
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=gen(4))
+    model(ids, labels=ids).loss_sum.backward()
+    assert (24, cfg.hidden_size) in calls  # a projection over the 2 x 12 tokens
+    assert (24, cfg.vocab_size) in calls   # the head loss's input gradient: grad_logits @ weight

@@ -80,7 +80,7 @@ def test_fast_mtp_equals_the_model_mtp_layer():
 def _transpose_linear_weights(model):
     """Every nn.Linear weight stored transposed (same values): `_linear` must fall back to the module."""
     for m in model.modules():
-        if type(m) is torch.nn.Linear:
+        if isinstance(m, torch.nn.Linear):
             m.weight.data = m.weight.data.t().contiguous().t()
     return model
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from dsv32.infer import Engine, SamplingParams
 from dsv32.infer.quant import Int8Experts, Int8Linear, perplexity, quantize_int8, quantize_per_channel, weight_bytes
+from dsv32.model.layers import Linear
 from dsv32.model.moe import Experts, Router
 from infer_common import nano, nano_model, periodic_model, prompts_for, reference_greedy, single_thread, successor  # noqa: F401
 
@@ -52,8 +53,8 @@ def test_quantize_swaps_the_right_modules_and_shrinks_the_weights():
     names = {name: type(m) for name, m in model.named_modules()}
     assert names["lm_head"] is Int8Linear and names["layers.0.self_attn.q_b_proj"] is Int8Linear
     assert names["layers.1.mlp.experts"] is Int8Experts and names["mtp.0.eh_proj"] is Int8Linear
-    assert names["layers.0.self_attn.kv_b_proj"] is nn.Linear  # read as a matrix by absorbed attention
-    assert names["layers.0.self_attn.indexer.wq_b"] is nn.Linear  # DSA selection stays exact
+    assert names["layers.0.self_attn.kv_b_proj"] is Linear  # read as a matrix by absorbed attention
+    assert names["layers.0.self_attn.indexer.wq_b"] is Linear  # DSA selection stays exact
     assert not any(isinstance(m, nn.Linear) for n, m in model.named_modules()
                    if not ("kv_b_proj" in n or "indexer" in n))
     assert weight_bytes(model) < 0.5 * before

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from dsv32.infer.cache import PagedBatch, PagedLayer
 from dsv32.infer.quant import Int8Experts, Int8Linear, one_token_combine
+from dsv32.model.layers import Linear, matmul_nt
 from dsv32.model.moe import Experts, MoE, Routing
 
 
@@ -34,6 +35,7 @@ LINEAR_CHUNKS = 4
 # From LONG_KEYS keys on, one row's attention runs in the [keys, queries] layout (`_attend_many_keys`).
 LONG_KEYS = 8192
 KEY_BLOCKS = 4
+PLAIN_LINEARS = (torch.nn.Linear, Linear)  # read through their weight; any other module type through .forward
 SAMPLE_STRIDE = 8  # one score in 8 bounds the k-th best from below (`_one_row_topk`)
 
 
@@ -43,7 +45,7 @@ def _weight_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     rows = x.shape[0]
     out_f, in_f = weight.shape
     if rows > SMALL_ROWS or out_f % LINEAR_CHUNKS or not weight.is_contiguous():
-        return F.linear(x, weight)
+        return matmul_nt(x, weight)
     blocks = weight.view(LINEAR_CHUNKS, out_f // LINEAR_CHUNKS, in_f)
     y = torch.bmm(blocks, x.t().expand(LINEAR_CHUNKS, in_f, rows))          # [chunks, out / chunks, rows]
     return y.flatten(0, 1).t()                                              # [rows, out]
@@ -53,13 +55,13 @@ def _linear(module, x: torch.Tensor) -> torch.Tensor:
     """`module.forward(x)`; a plain `nn.Linear` goes through `_weight_linear`. Inside the compiled one-token
     steps a one-row float or int8 linear is a reduction over the weight's rows, which the compiler fuses
     (with the int8 dequantisation): 4-7% faster there than the chunked bmm or the int8 kernel."""
-    if torch.compiler.is_compiling() and x.numel() == x.shape[-1] and type(module) in (torch.nn.Linear, Int8Linear):
+    if torch.compiler.is_compiling() and x.numel() == x.shape[-1] and type(module) in (*PLAIN_LINEARS, Int8Linear):
         if type(module) is Int8Linear:
             y = _int8_rows(module.qweight, module.scale, x[..., None, :])
         else:
             y = (module.weight * x[..., None, :]).sum(-1)
         return y if module.bias is None else y + module.bias
-    if type(module) is not torch.nn.Linear:
+    if type(module) not in PLAIN_LINEARS:
         return module.forward(x)
     y = _weight_linear(x.reshape(-1, x.shape[-1]), module.weight)
     if module.bias is not None:
@@ -396,7 +398,7 @@ def _final_norm(norm, lm_head, h: torch.Tensor, keep: int):
 
 def _fusable(model) -> bool:
     """Whether the one-token steps apply: float or int8 routed experts and output head."""
-    return type(model.lm_head) in (torch.nn.Linear, Int8Linear) and all(
+    return type(model.lm_head) in (*PLAIN_LINEARS, Int8Linear) and all(
         not isinstance(block.mlp, MoE) or type(block.mlp.experts) in (Experts, Int8Experts) for block in model.layers)
 
 

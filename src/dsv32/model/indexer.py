@@ -14,6 +14,7 @@ from torch import nn
 
 from dsv32.config import ModelConfig
 from dsv32.model.fp8 import hadamard_rotate, quantize_blockwise_fp8
+from dsv32.model.layers import Linear
 from dsv32.model.rope import apply_rope_half
 
 
@@ -22,10 +23,10 @@ class Indexer(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim, self.rope_dim = cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim
         self.topk = cfg.index_topk
-        self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.hidden_size, self.head_dim, bias=False)
+        self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = Linear(cfg.hidden_size, self.head_dim, bias=False)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
-        self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
+        self.weights_proj = Linear(cfg.hidden_size, self.n_heads, bias=False)
         self.simulate_fp8 = False
 
     def _rope_first(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dsv32.model.layers import matmul_nt
+
 IGNORE_INDEX = -100
 
 
@@ -33,7 +35,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         with torch.autocast(h.device.type, enabled=False):
-            logits = h @ w.T    # [tokens, vocab]: one large matmul; this buffer then becomes the logits' gradient
+            logits = matmul_nt(h, w)  # [tokens, vocab]: one large matmul; the buffer then becomes the logits' gradient
             for start in range(0, h.shape[0], chunk_rows):
                 rows = slice(start, start + chunk_rows)
                 target = labels[rows]
@@ -61,7 +63,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hidden_dtype, weight_dtype = ctx.dtypes
         grad_hidden = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_hidden = (grad_logits @ w).to(hidden_dtype).mul_(grad_total)
+            grad_hidden = matmul_nt(grad_logits, w.t()).to(hidden_dtype).mul_(grad_total)    # grad_logits @ w
         if ctx.needs_input_grad[1]:
             grad_weight = (grad_logits.T @ h).to(weight_dtype).mul_(grad_total)
         return grad_hidden, grad_weight, None, None, None

@@ -22,7 +22,7 @@ from torch import nn
 from dsv32.config import ModelConfig
 from dsv32.model.cache import LayerCache
 from dsv32.model.indexer import Indexer, indexer_kl_loss, select_topk
-from dsv32.model.layers import RMSNorm
+from dsv32.model.layers import Linear, RMSNorm
 from dsv32.model.rope import apply_rope_interleaved
 
 
@@ -48,15 +48,15 @@ class MLA(nn.Module):
         qk_dim = cfg.qk_head_dim
         bias = cfg.attention_bias
         if cfg.use_q_lora:
-            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.n_heads * qk_dim, bias=False)
+            self.q_b_proj = Linear(cfg.q_lora_rank, self.n_heads * qk_dim, bias=False)
         else:
-            self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
+            self.q_proj = Linear(cfg.hidden_size, self.n_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=bias)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=bias)
         self.indexer = Indexer(cfg) if cfg.use_dsa else None
         self.last_indexer_loss: torch.Tensor | None = None
 

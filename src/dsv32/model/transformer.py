@@ -13,7 +13,7 @@ from torch import nn
 
 from dsv32.config import ModelConfig
 from dsv32.model.cache import LatentCache
-from dsv32.model.layers import MLP, RMSNorm
+from dsv32.model.layers import MLP, Linear, RMSNorm
 from dsv32.model.loss import linear_cross_entropy
 from dsv32.model.mla import MLA, AttentionContext
 from dsv32.model.moe import MoE
@@ -71,7 +71,7 @@ class MTPLayer(Block):
         super().__init__(cfg, layer_idx)
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
     def forward(self, h_prev, next_embeds, ctx: AttentionContext, cache=None, forced_indices=None):
@@ -87,7 +87,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers))
         self.rotary = RotaryEmbedding(cfg)
         if cfg.tie_word_embeddings:
