@@ -541,8 +541,18 @@ def _padded_experts(experts: Experts, x: torch.Tensor, routing: Routing) -> torc
     block = x.new_zeros(experts.n_experts * capacity, x.shape[-1])
     block[slot] = x[token_of]
     block = block.view(experts.n_experts, capacity, -1)                        # [experts, capacity, hidden]
-    h = F.silu(torch.bmm(block, experts.gate_proj.transpose(1, 2))) * torch.bmm(block, experts.up_proj.transpose(1, 2))
-    out = torch.bmm(h, experts.down_proj.transpose(1, 2)).flatten(0, 1)[slot]  # [copies, hidden], sorted
+    pairs = _gate_up_pairs(experts)
+    if pairs is None:
+        h = F.silu(torch.bmm(block, experts.gate_proj.transpose(1, 2))) * torch.bmm(block, experts.up_proj.transpose(1, 2))
+    else:
+        # the weights as the left operand and the few rows as a transposed right one, gate and up in one
+        # call: 1.3-2x the rate of block @ weight.T at 2-4 rows per expert (batch 8 decode: 6-9% per step)
+        n, _, inter, hidden = pairs.shape
+        gate_up = torch.bmm(pairs.view(n, 2 * inter, hidden), block.transpose(1, 2))  # [experts, 2 * inter, capacity]
+        gate, up = gate_up.view(n, 2, inter, capacity).unbind(1)
+        h = (F.silu(gate) * up).transpose(1, 2).contiguous()                   # [experts, capacity, inter]
+    out = torch.bmm(experts.down_proj, h.transpose(1, 2)).transpose(1, 2)      # [experts, capacity, hidden]
+    out = out.flatten(0, 1)[slot]                                              # [copies, hidden], sorted
     out = out * routing.weights.flatten()[order, None].to(x.dtype)
     y = torch.zeros(tokens, x.shape[-1], dtype=torch.float32, device=x.device)
     return y.index_add_(0, token_of, out.float()).to(x.dtype)
