@@ -55,6 +55,7 @@ class _OneDnnLinear(torch.autograd.Function):
         return matmul_nt(flat, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad = grad.reshape(-1, grad.shape[-1])                                # [rows, out]
