@@ -51,8 +51,9 @@ class _OneDnnLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        flat = x.reshape(-1, x.shape[-1])                                      # [rows, in]
-        return matmul_nt(flat, weight, bias).view(*x.shape[:-1], weight.shape[0])
+        flat = x.reshape(-1, x.shape[-1]).contiguous()                         # [rows, in]
+        out = _onednn_linear_op()(flat, weight, bias, "none", [], "")          # `linear` checked the inputs
+        return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
